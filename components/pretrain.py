@@ -1,0 +1,182 @@
+"""Pretrain: next-token prediction on the token stream, resumable after a crash or kill.
+
+    python -m components.pretrain --tokens data/tokens --out models/pretrained
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, IterableDataset
+
+from components.atomic import atomic_dir
+from components.errors import InputError, exit_on_input_error
+from components.model import GPT, GPTConfig
+from components.params import Params, load_params
+from components.training import TokenThroughput, make_trainer, resolve_precision
+
+RESUME_ROOT = Path(".gptpipe/resume/pretrain")
+
+
+class RandomWindows(IterableDataset):
+    """Batches of random context windows from a memory-mapped token file. Batch `i` depends only on
+    (seed, rank, i), so a resumed run continues with exactly the batches it would have seen."""
+
+    def __init__(self, path: Path, dtype: str, context: int, batch_size: int, seed: int,
+                 first_batch: int = 0, rank: int = 0, num_batches: int | None = None):
+        self.path, self.dtype, self.context, self.batch_size = path, dtype, context, batch_size
+        self.seed, self.first_batch, self.rank, self.num_batches = seed, first_batch, rank, num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        offsets = np.arange(self.context + 1)
+        index = self.first_batch
+        while self.num_batches is None or index < self.first_batch + self.num_batches:
+            rng = np.random.default_rng([self.seed, self.rank, index])
+            starts = rng.integers(0, len(tokens) - self.context - 1, size=self.batch_size)
+            windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))  # (B, T+1)
+            yield windows[:, :-1], windows[:, 1:]
+            index += 1
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self, config: dict, train: dict, data_fingerprint: str):
+        super().__init__()
+        self.save_hyperparameters()  # resume compares these: a changed config or corpus starts fresh
+        self.model = GPT(GPTConfig(**config))
+        self.train_cfg = train
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.model(x).flatten(0, 1), y.flatten()), prog_bar=True)
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        # Weight decay on matrices only, as in GPT-2 / nanoGPT; biases and LayerNorm gains stay undecayed.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95),
+                                      fused=self.device.type == "cuda")
+        floor = cfg["min_learning_rate"] / cfg["learning_rate"]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, cfg["warmup_steps"], cfg["max_steps"], floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class WindowData(L.LightningDataModule):
+    def __init__(self, tokens: Path, manifest: dict, context: int, batch_size: int, seed: int, val_batches: int):
+        super().__init__()
+        self.tokens, self.manifest, self.context = tokens, manifest, context
+        self.batch_size, self.seed, self.val_batches = batch_size, seed, val_batches
+
+    def windows(self, split: str, **kwargs) -> DataLoader:
+        entry = self.manifest[split]
+        data = RandomWindows(self.tokens / entry["file"], entry["dtype"], self.context, self.batch_size,
+                             self.seed, **kwargs)
+        return DataLoader(data, batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        # Read after Lightning restored a checkpoint: continue from the batch after the last one trained.
+        trainer = self.trainer
+        return self.windows("train", first_batch=trainer.global_step * trainer.accumulate_grad_batches,
+                            rank=trainer.global_rank)
+
+    def val_dataloader(self) -> DataLoader:
+        # The same held-out windows at every validation, so the curve compares like with like.
+        return self.windows("val", num_batches=self.val_batches, first_batch=0, rank=0)
+
+
+def check_corpus(manifest: dict, context: int, tokens: Path) -> None:
+    for split in ("train", "val"):
+        if manifest[split]["tokens"] <= context + 1:
+            raise InputError(f"{tokens / manifest[split]['file']}: only {manifest[split]['tokens']} {split} tokens, "
+                             f"fewer than model.context_length + 2 ({context + 2}); add text or lower the context")
+
+
+def save_pretrained(model: GPT, tokens: Path, summary: dict, out: Path) -> None:
+    """The checkpoint folder describes itself: weights, model config, tokenizer and how it was trained."""
+    with atomic_dir(out) as staging:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                  staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        shutil.copy(tokens / "tokenizer.json", staging / "tokenizer.json")
+        (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME_ROOT) -> dict:
+    # setup
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    cfg = params.pretrain
+    check_corpus(manifest, params.model.context_length, tokens)
+    config = GPTConfig(vocab_size=manifest["vocab_size"], **params.model.model_dump())
+    fingerprint = manifest["train"]["sha256"] + manifest["val"]["sha256"]
+    module = LanguageModel(config.to_dict(), cfg.model_dump(), fingerprint)
+    run_key = hashlib.sha256(json.dumps(module.hparams, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    resume_dir = resume_root / run_key
+    data = WindowData(tokens, manifest, config.context_length, cfg.batch_size, params.seed, cfg.val_batches)
+    throughput = TokenThroughput(cfg.batch_size * config.context_length, module.model.flops_per_token())
+    checkpoints = ModelCheckpoint(dirpath=resume_dir, filename="last", every_n_train_steps=cfg.checkpoint_every_n_steps,
+                                  save_top_k=1, enable_version_counter=False, save_on_exception=False)
+    trainer = make_trainer(cfg.precision, resume_dir, [throughput, checkpoints], max_steps=cfg.max_steps,
+                           val_check_interval=cfg.val_every_n_steps, check_val_every_n_epoch=None,
+                           limit_val_batches=cfg.val_batches, gradient_clip_val=cfg.grad_clip or None,
+                           log_every_n_steps=10)
+    # loop (resuming from the last checkpoint of this exact configuration, if one survived a crash)
+    last = resume_dir / "last.ckpt"
+    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else 0
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
+    # validate
+    val_loss = trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"]
+    # save
+    summary = {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+               "tokens_per_second": throughput.tokens_per_second, "mfu": throughput.mfu,
+               "n_params": module.model.num_params(non_embedding=False),
+               "train_tokens": cfg.max_steps * cfg.batch_size * config.context_length,
+               "steps": cfg.max_steps, "resumed_from_step": resumed_from,
+               "seconds": time.perf_counter() - started, "precision": resolve_precision(cfg.precision)}
+    save_pretrained(module.model, tokens, summary, out)
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tokens", type=Path, default=Path("data/tokens"))
+    parser.add_argument("--out", type=Path, default=Path("models/pretrained"))
+    args = parser.parse_args()
+    summary = pretrain(load_params(args.params), args.tokens, args.out)
+    print(f"pretrain: val perplexity {summary['val_perplexity']:.1f}, {summary['tokens_per_second']:,.0f} tokens/s, "
+          f"{summary['n_params']:,} parameters")
+
+
+if __name__ == "__main__":
+    exit_on_input_error(main)
