@@ -93,9 +93,11 @@ class FinetuneParams(Section):
 
 
 class EvaluateParams(Section):
-    baselines: list[Literal["tfidf_logreg", "zero_shot"]] = Field(
-        default_factory=lambda: ["tfidf_logreg", "zero_shot"], description="Baselines scored on the same test split."
+    baselines: list[Literal["tfidf_logreg", "zero_shot", "scratch"]] = Field(
+        default_factory=lambda: ["tfidf_logreg", "zero_shot", "scratch"],
+        description="Baselines scored on the same test split; `scratch` costs one more fine-tune.",
     )
+    zero_shot_text_tokens: int = Field(128, ge=1, description="Tokens of each text shown in the zero-shot prompt.")
 
 
 class RegistryParams(Section):

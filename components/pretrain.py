@@ -17,14 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from torch.utils.data import DataLoader, IterableDataset
 
 from components.atomic import atomic_dir
 from components.errors import InputError, exit_on_input_error
 from components.model import GPT, GPTConfig
 from components.params import Params, load_params
-from components.training import TokenThroughput, make_trainer, resolve_precision
+from components.training import TokenThroughput, make_trainer, resolve_precision, warmup_cosine
 
 RESUME_ROOT = Path(".gptpipe/resume/pretrain")
 
@@ -48,14 +48,6 @@ class RandomWindows(IterableDataset):
             windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))  # (B, T+1)
             yield windows[:, :-1], windows[:, 1:]
             index += 1
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """Learning-rate multiplier: linear warmup, then cosine decay to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class LanguageModel(L.LightningModule):
@@ -122,8 +114,7 @@ def check_corpus(manifest: dict, context: int, tokens: Path) -> None:
 def save_pretrained(model: GPT, tokens: Path, summary: dict, out: Path) -> None:
     """The checkpoint folder describes itself: weights, model config, tokenizer and how it was trained."""
     with atomic_dir(out) as staging:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-                  staging / "model.safetensors")
+        save_model(model, str(staging / "model.safetensors"))
         (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         shutil.copy(tokens / "tokenizer.json", staging / "tokenizer.json")
         (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

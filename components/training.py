@@ -1,5 +1,6 @@
 """What pre-training and fine-tuning share: precision choice, atomic checkpoints, throughput, the Trainer."""
 
+import math
 import os
 import tempfile
 import time
@@ -29,6 +30,14 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
