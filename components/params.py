@@ -103,6 +103,8 @@ class EvaluateParams(Section):
 class RegistryParams(Section):
     uri: str = Field("registry", description="A local folder or s3://bucket/prefix.")
     model_name: str = Field("bbc", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    promotion_tolerance: float = Field(
+        0.01, ge=0, le=1, description="A new version becomes champion unless its test macro-F1 is this much worse.")
 
 
 class Params(Section):

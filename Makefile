@@ -1,0 +1,35 @@
+# `make run` and `make test`: bootstrap .venv if needed (torch's CPU build first, then the locked rest), then act.
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test lint lock clean
+
+run: $(STAMP)
+	$(BIN)/gptpipe run
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check components flows tests benchmarks
+
+# torch is pinned apart from the lock: `pip install torch==2.13.0` takes the CPU build, while a resolver
+# left to itself would pull the multi-GB CUDA one. uv then installs the exact locked versions in seconds.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 uv==0.13.9
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+# Re-resolve after changing dependencies in pyproject.toml; torch and the project itself stay out of the lock.
+lock: $(STAMP)
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[test]'
+	$(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable | grep -v -E '^torch==' > requirements.lock
+
+clean:
+	rm -rf $(VENV) data models reports/*.json reports/*.png .gptpipe

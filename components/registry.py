@@ -1,0 +1,248 @@
+"""A model registry on a local folder or s3://bucket/prefix: named models, immutable versions, moving aliases.
+
+Layout under the registry root, per model name:
+    NAME/blobs/<uuid>/...           the files of one version, uploaded first
+    NAME/versions/<N>.json          the version's manifest, created once and never overwritten: a version
+                                    exists only once this lands, so a crash mid-upload leaves nothing visible
+    NAME/aliases/<alias>.json       {"version": N}, replaced in one write (`latest` is implicit: the highest N)
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from components.errors import InputError
+from components.sources import s3_client, split_s3_uri
+
+LATEST = "latest"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+CACHE_ROOT = Path(os.environ.get("GPTPIPE_CACHE", Path.home() / ".cache" / "gptpipe")) / "registry"
+
+
+class LocalStore:
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def put(self, key: str, data: bytes, create_only: bool = False) -> bool:
+        """Write `key`; with create_only, return False instead of replacing an existing object."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        try:
+            if not create_only:
+                os.replace(staging, path)
+                return True
+            try:
+                os.link(staging, path)  # atomic create-if-absent, with the content already complete
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            Path(staging).unlink(missing_ok=True)
+
+    def get(self, key: str) -> bytes | None:
+        path = self.root / key
+        return path.read_bytes() if path.is_file() else None
+
+    def keys(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()
+                      and not p.name.startswith(".tmp-"))
+
+    def upload(self, key: str, file: Path) -> None:
+        self.put(key, file.read_bytes())
+
+    def download(self, key: str, file: Path) -> None:
+        shutil.copyfile(self.root / key, file)
+
+
+class S3Store:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.bucket, prefix = split_s3_uri(uri)
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.client = s3_client()
+
+    def put(self, key: str, data: bytes, create_only: bool = False) -> bool:
+        extra = {"IfNoneMatch": "*"} if create_only else {}  # S3 conditional write: create, never overwrite
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **extra)
+            return True
+        except ClientError as error:
+            if create_only and error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        except ClientError as error:
+            if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        return sorted(obj["Key"][len(self.prefix):] for page in pages for obj in page.get("Contents", []))
+
+    def upload(self, key: str, file: Path) -> None:
+        self.client.upload_file(str(file), self.bucket, self.prefix + key)
+
+    def download(self, key: str, file: Path) -> None:
+        self.client.download_file(self.bucket, self.prefix + key, str(file))
+
+
+def open_store(uri: str) -> LocalStore | S3Store:
+    return S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> "ModelRef":
+        """NAME, NAME@ALIAS or NAME:VERSION; a bare name means NAME@latest."""
+        if ":" in ref:
+            name, _, version = ref.partition(":")
+            if not version.isdigit():
+                raise InputError(f"--model {ref}: version must be a number, as in {name}:3")
+            return cls(name, version=int(version))
+        name, _, alias = ref.partition("@")
+        return cls(name, alias=alias or LATEST)
+
+
+class Registry:
+    def __init__(self, uri: str):
+        self.store = open_store(uri)
+        self.uri = uri
+
+    def _call(self, action: str, fn, *args):
+        try:
+            return fn(*args)
+        except (BotoCoreError, ClientError) as error:
+            raise InputError(f"registry {self.uri}: cannot {action} ({error}); check AWS credentials, "
+                             "AWS_ENDPOINT_URL and that the bucket exists") from None
+
+    def models(self) -> list[str]:
+        return sorted({key.split("/")[0] for key in self._call("list", self.store.keys, "") if "/versions/" in key})
+
+    def versions(self, name: str) -> list[int]:
+        keys = self._call("list", self.store.keys, f"{name}/versions/")
+        return sorted(int(Path(key).stem) for key in keys if key.endswith(".json"))
+
+    def manifest(self, name: str, version: int) -> dict:
+        data = self._call("read", self.store.get, f"{name}/versions/{version}.json")
+        if data is None:
+            raise InputError(f"registry {self.uri}: model {name} has no version {version}; "
+                             f"`gptpipe registry list` shows what exists")
+        return json.loads(data)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        found = {}
+        for key in self._call("list", self.store.keys, f"{name}/aliases/"):
+            found[Path(key).stem] = json.loads(self._call("read", self.store.get, key))["version"]
+        versions = self.versions(name)
+        if versions:
+            found[LATEST] = versions[-1]
+        return found
+
+    def resolve(self, ref: str | ModelRef) -> dict:
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        version = ref.version
+        if version is None:
+            version = self.aliases(ref.name).get(ref.alias)
+            if version is None:
+                raise InputError(f"registry {self.uri}: model {ref.name} has no alias {ref.alias!r}; "
+                                 "`gptpipe registry list` shows its versions and aliases")
+        return self.manifest(ref.name, version)
+
+    def _alias_record(self, name: str, alias: str) -> dict | None:
+        data = self._call("read", self.store.get, f"{name}/aliases/{alias}.json")
+        return json.loads(data) if data else None
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point `alias` at `version`, remembering where it pointed before so that rollback can return."""
+        if alias == LATEST:
+            raise InputError("alias 'latest' always names the newest version and cannot be set")
+        self.manifest(name, version)
+        record = self._alias_record(name, alias) or {"version": None, "previous": []}
+        previous = record["previous"] + ([record["version"]] if record["version"] is not None else [])
+        self._write_alias(name, alias, {"version": version, "previous": previous})
+
+    def rollback(self, name: str, alias: str = "champion") -> int:
+        """Move `alias` back to the version it named before its last move; returns that version."""
+        record = self._alias_record(name, alias)
+        if not record or not record["previous"]:
+            raise InputError(f"registry {self.uri}: {name}@{alias} has no earlier version to roll back to")
+        self._write_alias(name, alias, {"version": record["previous"][-1], "previous": record["previous"][:-1]})
+        return record["previous"][-1]
+
+    def _write_alias(self, name: str, alias: str, record: dict) -> None:
+        self._call("write", self.store.put, f"{name}/aliases/{alias}.json", json.dumps(record).encode())
+
+    def register(self, name: str, folder: Path, metadata: dict) -> dict:
+        """Upload every file in `folder`, then claim the next version number with a create-only write; a
+        concurrent registration that claimed it first makes this one take the next number."""
+        blob = f"{name}/blobs/{uuid.uuid4().hex}"
+        files = {}
+        for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            relative = str(file.relative_to(folder))
+            self._call("upload", self.store.upload, f"{blob}/{relative}", file)
+            files[relative] = hashlib.sha256(file.read_bytes()).hexdigest()
+        version = (self.versions(name) or [0])[-1] + 1
+        while True:
+            manifest = {"name": name, "version": version, "blob": blob, "files": files,
+                        "created": datetime.now(UTC).isoformat(timespec="seconds"), **metadata}
+            if self._call("write", self.store.put, f"{name}/versions/{version}.json",
+                          json.dumps(manifest, indent=2).encode(), True):
+                return manifest
+            version += 1
+
+    def fetch(self, manifest: dict) -> Path:
+        """A local copy of a version's files; versions are immutable, so a complete cached copy is reused."""
+        target = CACHE_ROOT / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / manifest["name"] / str(
+            manifest["version"])
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+        for relative, digest in manifest["files"].items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            self._call("download", self.store.download, f"{manifest['blob']}/{relative}", staging / relative)
+            if hashlib.sha256((staging / relative).read_bytes()).hexdigest() != digest:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise InputError(f"registry {self.uri}: {manifest['name']}:{manifest['version']}/{relative} does not "
+                                 "match its recorded hash; the stored copy is damaged, register the model again")
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process cached it first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def promotion_decision(candidate: dict, champion: dict | None, tolerance: float) -> tuple[bool, str]:
+    """Champion if no champion exists or the candidate's test macro-F1 is within `tolerance` of it."""
+    if champion is None:
+        return True, "no champion yet"
+    new, old = candidate["metrics"]["test_macro_f1"], champion["metrics"]["test_macro_f1"]
+    if new >= old - tolerance:
+        return True, f"test macro-F1 {new:.4f} vs champion v{champion['version']} {old:.4f} (tolerance {tolerance})"
+    return False, (f"test macro-F1 {new:.4f} is worse than champion v{champion['version']}'s {old:.4f} by more "
+                   f"than {tolerance}; kept as challenger")

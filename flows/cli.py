@@ -1,0 +1,133 @@
+"""`gptpipe`: one console program, one subcommand per verb.
+
+    gptpipe run [--set section.key=value]...
+    gptpipe predict --model NAME[@ALIAS|:VERSION] [TEXT ...] [--input FILE]
+    gptpipe registry list|show|promote|rollback
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from components.errors import InputError, exit_on_input_error
+from components.params import PARAMS_FILE, load_params
+
+
+def registry_uri(args: argparse.Namespace) -> str:
+    return args.registry or load_params(PARAMS_FILE).registry.uri
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    params = load_params(PARAMS_FILE, args.set)  # validate before any server or stage starts
+    from flows.retrain import retrain  # Prefect's import is slow; keep it off the other verbs' path
+    from flows.stages import StageInputError
+
+    try:
+        result = retrain(params=params)
+    except StageInputError as error:
+        raise InputError(str(error)) from None
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    registered = result["registered"]
+    print(f"stages run: {', '.join(result['stages_run']) or 'none (all up to date)'}")
+    print(f"test accuracy {metrics['finetune']['test']['accuracy']:.4f}, "
+          f"macro-F1 {metrics['finetune']['test']['macro_f1']:.4f} (fine-tuned GPT)")
+    for name, baseline in metrics["baselines"].items():
+        print(f"test accuracy {baseline['test']['accuracy']:.4f}, macro-F1 {baseline['test']['macro_f1']:.4f} ({name})")
+    print(f"registered {registered['name']}:{registered['version']} as {registered['alias']} in {registered['uri']}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from components.predict import load_registered, predict, read_input_texts, to_json_lines
+
+    texts = list(args.texts)
+    if args.input:
+        texts += read_input_texts(Path(args.input), args.text_column)
+    if not texts:
+        raise InputError("predict: no text given; pass TEXT arguments or --input FILE")
+    classifier, _ = load_registered(registry_uri(args), args.model)
+    for line in to_json_lines(predict(classifier, texts)):
+        print(line)
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def cmd_registry(args: argparse.Namespace) -> None:
+    from components.registry import ModelRef, Registry
+
+    registry = Registry(registry_uri(args))
+    if args.action == "list":
+        rows = []
+        for name in [args.name] if args.name else registry.models():
+            by_version: dict[int, list[str]] = {}
+            for alias, version in registry.aliases(name).items():
+                by_version.setdefault(version, []).append(alias)
+            for version in registry.versions(name):
+                manifest = registry.manifest(name, version)
+                rows.append({"model": name, "version": version, "aliases": ",".join(sorted(by_version.get(version, []))),
+                             "test_accuracy": f"{manifest['metrics']['test_accuracy']:.4f}",
+                             "test_macro_f1": f"{manifest['metrics']['test_macro_f1']:.4f}",
+                             "created": manifest["created"], "git_commit": (manifest.get("git_commit") or "")[:8]})
+        print_table(rows)
+    elif args.action == "show":
+        print(json.dumps(registry.resolve(args.model), indent=2))
+    elif args.action == "promote":
+        manifest = registry.resolve(args.model)
+        registry.set_alias(manifest["name"], args.alias, manifest["version"])
+        print(f"{manifest['name']}@{args.alias} -> version {manifest['version']}")
+    elif args.action == "rollback":
+        ref = ModelRef.parse(args.model)
+        alias = ref.alias if ref.alias and "@" in args.model else "champion"
+        print(f"{ref.name}@{alias} -> version {registry.rollback(ref.name, alias)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptpipe", description="Pre-train, fine-tune, evaluate and register a "
+                                     "GPT text classifier.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run the retrain flow (DVC stages, then registration) in this checkout")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one param (repeatable); written to params.yaml like `dvc exp run -S`")
+    run.set_defaults(handler=cmd_run)
+
+    predict = verbs.add_parser("predict", help="label texts with a registered model, as JSON lines")
+    predict.add_argument("--model", required=True, help="NAME, NAME@ALIAS (champion, latest, ...) or NAME:VERSION")
+    predict.add_argument("texts", nargs="*", metavar="TEXT")
+    predict.add_argument("--input", help="a .txt (one text per line), CSV, TSV, JSONL or Parquet file")
+    predict.add_argument("--text-column", default="text", help="text column of a tabular --input")
+    predict.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
+    predict.set_defaults(handler=cmd_predict)
+
+    registry = verbs.add_parser("registry", help="list, show, promote or roll back registered models")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="versions with their aliases and test scores")
+    listing.add_argument("name", nargs="?")
+    show = actions.add_parser("show", help="one version's manifest")
+    show.add_argument("model", help="NAME[@ALIAS|:VERSION]")
+    promote = actions.add_parser("promote", help="point an alias (default champion) at a version")
+    promote.add_argument("model", help="NAME:VERSION or NAME@ALIAS")
+    promote.add_argument("--alias", default="champion")
+    rollback = actions.add_parser("rollback", help="move an alias (default champion) back to where it was before")
+    rollback.add_argument("model", help="NAME or NAME@ALIAS")
+    for sub in (listing, show, promote, rollback):
+        sub.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
+    registry.set_defaults(handler=cmd_registry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    exit_on_input_error(lambda: args.handler(args))
+
+
+if __name__ == "__main__":
+    main()

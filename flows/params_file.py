@@ -1,0 +1,34 @@
+"""Write a run's params into params.yaml, changing only the values that differ and keeping the comments."""
+
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from components.params import Params, load_params
+
+
+def changed_leaves(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in new for change in changed_leaves(old.get(key), new[key], (*path, key))]
+    return [] if old == new else [(path, new)]
+
+
+def write_params(path: Path, params: Params) -> bool:
+    """Returns whether the file changed."""
+    changes = changed_leaves(load_params(path).model_dump(mode="json"), params.model_dump(mode="json"))
+    if not changes:
+        return False
+    yaml = YAML()
+    document = yaml.load(path.read_text()) if path.exists() else None
+    document = document if document is not None else {}
+    for keys, value in changes:
+        node = document
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    staging = path.with_name(f".{path.name}.tmp")
+    with staging.open("w") as file:
+        yaml.dump(document, file)
+    staging.replace(path)
+    return True

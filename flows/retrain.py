@@ -1,0 +1,77 @@
+"""The `retrain` flow: every DVC stage in dvc.yaml order, then registration of the classifier.
+
+    gptpipe run [--set section.key=value ...]
+"""
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from components.params import Params, load_params
+from components.register import register
+from flows.params_file import write_params
+from flows.stages import StageInputError, reproduce, stage_order
+
+TRAINING_STAGES = {"pretrain", "finetune"}
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageInputError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(task_run_name="{stage}", retries=1, retry_condition_fn=_retry_unless_bad_input)
+def run_stage(repo: Path, stage: str) -> bool:
+    """Reproduce one stage; a retry after a crash resumes training from its last checkpoint."""
+    logger = get_run_logger()
+    ran = reproduce(repo, stage, logger.info)
+    logger.info(f"stage {stage}: {'ran' if ran else 'up to date, skipped'}")
+    return ran
+
+
+@task(retries=2, retry_delay_seconds=5)
+def register_model(params: Params, repo: Path) -> dict:
+    run = {"id": str(flow_run.id), "name": flow_run.name, "url": flow_run.ui_url} if flow_run.id else None
+    return register(params, repo, run)
+
+
+def publish_artifacts(repo: Path, registered: dict) -> None:
+    import json
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
+    rows += [{"model": name, **_headline(result["test"])} for name, result in metrics["baselines"].items()]
+    create_table_artifact(key="test-metrics", table=rows, description="Test accuracy and macro-F1, same split")
+    create_markdown_artifact(
+        key="registered-model",
+        markdown=(f"**{registered['name']}:{registered['version']}** in `{registered['uri']}` is now "
+                  f"`{registered['alias']}` ({registered['reason']}).\n\n"
+                  f"Predict with `gptpipe predict --model {registered['name']}:{registered['version']} \"text\"`."),
+    )
+
+
+def _headline(result: dict) -> dict:
+    return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(params: Params | None = None, repo: str = ".") -> dict:
+    """Run ingest -> ... -> evaluate through DVC (unchanged stages are skipped) and register the classifier.
+    Given params are written to params.yaml first, so that dvc.lock records exactly what ran."""
+    root = Path(repo).resolve()
+    logger = get_run_logger()
+    if params is not None and write_params(root / "params.yaml", params):
+        logger.info("params.yaml updated with this run's params")
+    ran = {stage: run_stage(root, stage) for stage in stage_order(root)}
+    registered = register_model(load_params(root / "params.yaml"), root)
+    publish_artifacts(root, registered)
+    logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
+                f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")
+    return {"stages_run": [stage for stage, did in ran.items() if did], "registered": registered}

@@ -1,0 +1,70 @@
+"""The DVC stages as the flow sees them: their order comes from dvc.yaml, and each runs through `dvc repro`
+so that a stage whose inputs and params did not change is skipped."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import networkx as nx
+from dvc.repo import Repo
+from dvc.stage import PipelineStage
+
+ERROR_PREFIX = "gptpipe: error:"
+PROGRESS_LOG_SECONDS = 15.0
+
+
+class StageInputError(Exception):
+    """A stage rejected its input (exit status 2); retrying cannot help."""
+
+
+def stage_order(repo: Path) -> list[str]:
+    """Pipeline stages of dvc.yaml, each after the stages it depends on."""
+    with Repo(str(repo)) as dvc_repo:
+        graph = dvc_repo.index.graph  # edge: stage -> a stage it depends on
+        stages = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+        return [stage.name for stage in stages]
+
+
+def project_env() -> dict[str, str]:
+    """The running interpreter's bin folder first on PATH, so `dvc` and the stages' `python` are the project's."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), "PYTHONUNBUFFERED": "1"}
+
+
+def reproduce(repo: Path, stage: str, log: Callable[[str], None]) -> bool:
+    """`dvc repro STAGE`, streaming its output to `log`; returns whether the stage's command ran.
+    Progress bars redraw with carriage returns: those lines are logged at most every few seconds."""
+    process = subprocess.Popen(["dvc", "repro", stage], cwd=repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True, env=project_env())
+    ran, error_line, last_progress, pending = False, None, 0.0, b""
+    try:
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            pending += chunk
+            *parts, pending = re.split(rb"(\r|\n)", pending)
+            for text, end in zip(parts[0::2], parts[1::2], strict=True):
+                line = text.decode(errors="replace").rstrip()
+                if not line:
+                    continue
+                if end == b"\r":
+                    if time.monotonic() - last_progress < PROGRESS_LOG_SECONDS:
+                        continue
+                    last_progress = time.monotonic()
+                ran = ran or line.startswith(f"Running stage '{stage}'")
+                error_line = line if line.startswith(ERROR_PREFIX) else error_line
+                log(line)
+        code = process.wait()
+    finally:
+        # A cancelled or failed task must not leave training running: stop the whole process group.
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+    if code != 0:
+        if error_line:
+            raise StageInputError(error_line.removeprefix(ERROR_PREFIX).strip())
+        raise RuntimeError(f"dvc repro {stage} failed with exit status {code}; see the log above")
+    return ran

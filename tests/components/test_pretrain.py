@@ -1,0 +1,81 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from components.pretrain import RandomWindows
+from components.training import warmup_cosine
+from tests.conftest import TINY_PARAMS
+
+
+def test_windows_are_shifted_targets_deterministic_and_resumable(tmp_path):
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    full = list(RandomWindows(path, "uint16", 8, 4, seed=1, num_batches=5))
+    resumed = list(RandomWindows(path, "uint16", 8, 4, seed=1, first_batch=3, num_batches=2))
+    other_rank = list(RandomWindows(path, "uint16", 8, 4, seed=1, rank=1, num_batches=5))
+    x, y = full[0]
+    assert x.shape == (4, 8) and (y == x + 1).all()  # consecutive ids: the target is the next token
+    for (a, _), (b, _) in zip(full[3:], resumed, strict=True):
+        assert (a == b).all()
+    assert not all((a == b).all() for (a, _), (b, _) in zip(full, other_rank, strict=True))
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    values = [warmup_cosine(step, 10, 100, 0.1) for step in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    assert values[100] == pytest.approx(0.1)
+
+
+@pytest.fixture
+def tokenized(tmp_path):
+    """A real tokenized corpus from the tiny support tickets."""
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    for stage in ("ingest", "tokenize"):
+        subprocess.run(["dvc", "repro", stage], cwd=project, check=True, env=env, capture_output=True)
+    return project, env
+
+
+def test_checkpoint_folder_describes_itself(tokenized):
+    project, env = tokenized
+    subprocess.run([sys.executable, "-m", "components.pretrain"], cwd=project, check=True, env=env,
+                   capture_output=True)
+    out = project / "models/pretrained"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == TINY_PARAMS["pretrain"]["max_steps"] and metrics["resumed_from_step"] == 0
+    assert json.loads((out / "config.json").read_text())["d_model"] == TINY_PARAMS["model"]["d_model"]
+    assert not any((project / ".gptpipe/resume/pretrain").iterdir())  # resume state is cleaned up
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
+    project, env = tokenized
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"].update(max_steps=400, checkpoint_every_n_steps=20, val_every_n_steps=200)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "components.pretrain"]
+    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = project / ".gptpipe/resume/pretrain"
+    deadline = time.monotonic() + 240
+    while not list(resume.glob("*/last.ckpt")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "pre-training finished before a checkpoint could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (project / "models/pretrained").exists()  # nothing half-written
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((project / "models/pretrained/metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
+    assert metrics["steps"] == 400

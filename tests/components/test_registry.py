@@ -1,0 +1,85 @@
+"""The registry against a local folder and a real S3 API server (moto) on 127.0.0.1."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from components.errors import InputError
+from components.registry import Registry, promotion_decision
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry(request, tmp_path) -> Registry:
+    if request.param == "local":
+        return Registry(str(tmp_path / "registry"))
+    bucket = request.getfixturevalue("bucket")
+    return Registry(f"s3://{bucket}/models")
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def register(registry, folder, f1=0.9):
+    return registry.register("news", folder, {"metrics": {"test_accuracy": f1, "test_macro_f1": f1}})
+
+
+def test_versions_count_up_and_files_round_trip(registry, model_folder):
+    assert register(registry, model_folder)["version"] == 1
+    (model_folder / "model.safetensors").write_bytes(b"weights v2")
+    assert register(registry, model_folder)["version"] == 2
+    assert registry.versions("news") == [1, 2] and registry.models() == ["news"]
+    first = registry.fetch(registry.resolve("news:1"))
+    assert (first / "model.safetensors").read_bytes() == b"weights"
+    assert (first / "sub" / "tokenizer.json").read_text() == "{}"
+    assert (registry.fetch(registry.resolve("news")) / "model.safetensors").read_bytes() == b"weights v2"
+
+
+def test_aliases_move_and_roll_back(registry, model_folder):
+    for _ in range(3):
+        register(registry, model_folder)
+    registry.set_alias("news", "champion", 1)
+    registry.set_alias("news", "champion", 3)
+    assert registry.resolve("news@champion")["version"] == 3
+    assert registry.rollback("news") == 1
+    assert registry.resolve("news@champion")["version"] == 1
+    with pytest.raises(InputError, match="no earlier version"):
+        registry.rollback("news")
+
+
+def test_unknown_refs_are_clear_errors(registry, model_folder):
+    register(registry, model_folder)
+    with pytest.raises(InputError, match="no alias 'champion'"):
+        registry.resolve("news@champion")
+    with pytest.raises(InputError, match="no version 7"):
+        registry.resolve("news:7")
+    with pytest.raises(InputError, match="cannot be set"):
+        registry.set_alias("news", "latest", 1)
+
+
+def test_concurrent_registrations_get_distinct_versions(registry, model_folder):
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda _: register(registry, model_folder)["version"], range(4)))
+    assert sorted(versions) == [1, 2, 3, 4]
+    assert registry.versions("news") == [1, 2, 3, 4]
+
+
+def test_a_written_version_is_never_overwritten(registry, model_folder):
+    manifest = register(registry, model_folder)
+    assert registry.store.put("news/versions/1.json", b"{}", create_only=True) is False
+    assert json.loads(registry.store.get("news/versions/1.json")) == manifest
+
+
+def test_promotion_gate():
+    champion = {"version": 1, "metrics": {"test_macro_f1": 0.95}}
+    assert promotion_decision({"metrics": {"test_macro_f1": 0.945}}, champion, 0.01)[0]
+    promoted, reason = promotion_decision({"metrics": {"test_macro_f1": 0.90}}, champion, 0.01)
+    assert not promoted and "challenger" in reason
+    assert promotion_decision({"metrics": {"test_macro_f1": 0.1}}, None, 0.01)[0]

@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny params, a real S3 API server and a real Prefect server on 127.0.0.1."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT = 60
+
+# Small enough for seconds on two cores, big enough to train something real.
+TINY_PARAMS = {
+    "data": {"labeled": {"path": "labeled.csv"}},
+    "tokenizer": {"vocab_size": 320},
+    "model": {"n_layer": 2, "n_head": 2, "d_model": 16, "context_length": 32},
+    "pretrain": {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "val_every_n_steps": 3, "val_batches": 2,
+                 "checkpoint_every_n_steps": 3, "precision": "32-true"},
+    "finetune": {"epochs": 1, "batch_size": 8, "precision": "32-true"},
+    "evaluate": {"baselines": ["tfidf_logreg", "zero_shot"], "zero_shot_text_tokens": 8},
+}
+
+TOPICS = {
+    "billing": ["invoice", "refund", "charge", "payment", "card", "subscription", "price"],
+    "auth": ["password", "login", "account", "token", "reset", "locked", "two-factor"],
+    "bug": ["crash", "error", "button", "page", "freeze", "broken", "stack"],
+}
+
+
+def support_tickets(rows_per_label: int = 40, seed: int = 0) -> list[dict]:
+    """Distinct synthetic support tickets whose words give away their label."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for label, words in TOPICS.items():
+        for i in range(rows_per_label):
+            body = " ".join(rng.choice(words) for _ in range(12))
+            rows.append({"text": f"Ticket {i}: my {body} issue needs help", "label": label})
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float = SERVER_START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 API server; sets the standard AWS variables so boto3 and DVC talk to it."""
+    port = free_port()
+    process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for(endpoint, process)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS")}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_MAX_ATTEMPTS": "2"})
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    stop(process)
+
+
+@pytest.fixture
+def bucket(s3_server: str, request) -> str:
+    import boto3
+
+    name = f"test-{request.node.name.lower().replace('_', '-').replace('[', '-').replace(']', '')}"[:60]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """One real Prefect server for the whole test session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
+    log = (home / "server.log").open("w")
+    process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    wait_for(f"{api}/health", process)
+    yield api
+    stop(process)
+
+
+def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> Path:
+    """A fresh checkout of the project (git + DVC) with the given params.yaml and a labeled CSV."""
+    import polars as pl
+
+    ignore = shutil.ignore_patterns(".venv", ".git", "data", "models", "registry", ".gptpipe", "__pycache__",
+                                    "*.egg-info", ".pytest_cache", ".ruff_cache", "storage", "site", "tmp", "cache",
+                                    "dvc.lock")
+    shutil.copytree(ROOT, target, ignore=ignore)
+    for generated in (target / "reports").glob("*.*"):
+        generated.unlink()
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pl.DataFrame(rows or support_tickets()).write_csv(target / "labeled.csv")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=target, check=True, env=env)
+    return target
+
+
+def gptpipe(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "gptpipe"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})

@@ -1,0 +1,90 @@
+"""The real retrain flow on a real Prefect server, real DVC in a real git repo, real (tiny) training."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, TINY_PARAMS, gptpipe, make_project
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("flow") / "project", TINY_PARAMS)
+    env = {"PREFECT_API_URL": prefect_api}
+    result = gptpipe("run", "--set", "pretrain.max_steps=8", cwd=project, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return project, env, result
+
+
+def test_run_writes_outputs_lock_and_registry_version(first_run):
+    project, _, result = first_run
+    assert "stages run: ingest, tokenize, pretrain, finetune, evaluate" in result.stdout
+    assert "registered bbc:1 as champion" in result.stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"ingest", "tokenize", "pretrain", "finetune", "evaluate"}
+    assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["max_steps"] == 8
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert 0 <= metrics["finetune"]["test"]["accuracy"] <= 1
+    assert {"tfidf_logreg", "zero_shot"} <= set(metrics["baselines"])
+    assert metrics["pretrain"]["steps"] == 8 and metrics["pretrain"]["n_params"] > 0
+    assert (project / "reports/confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    version = project / "registry/bbc/versions/1.json"
+    manifest = json.loads(version.read_text())
+    assert {"model.safetensors", "tokenizer.json", "classifier.json", "lineage.json"} <= set(manifest["files"])
+
+
+def test_lineage_points_at_commit_and_dvc_hashes(first_run):
+    project, _, _ = first_run
+    manifest = json.loads((project / "registry/bbc/versions/1.json").read_text())
+    lineage = json.loads((project / "registry/bbc" / manifest["blob"].split("/", 1)[1] / "lineage.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert lineage["git"]["commit"] == head
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lineage["dvc_lock"]["pretrain"]["models/pretrained"] == lock["stages"]["pretrain"]["outs"][0]["md5"]
+    assert lineage["flow_run"]["id"]
+
+
+def test_second_run_reruns_nothing_and_registers_nothing(first_run):
+    project, env, _ = first_run
+    lock_before = (project / "dvc.lock").read_text()
+    again = gptpipe("run", "--set", "pretrain.max_steps=8", cwd=project, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stages run: none (all up to date)" in again.stdout
+    assert (project / "dvc.lock").read_text() == lock_before
+    assert sorted(p.name for p in (project / "registry/bbc/versions").iterdir()) == ["1.json"]
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, capture_output=True, text=True)
+    assert "up to date" in status.stdout
+
+
+def test_predict_answers_from_the_registry(first_run):
+    project, _, _ = first_run
+    result = gptpipe("predict", "--model", "bbc@champion", "my invoice refund charge", "password reset login",
+                     cwd=project)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["text"] for line in lines] == ["my invoice refund charge", "password reset login"]
+    for line in lines:
+        assert set(line["probs"]) == {"auth", "billing", "bug"}
+        assert line["label"] == max(line["probs"], key=line["probs"].get)
+        assert abs(sum(line["probs"].values()) - 1) < 1e-4
+
+
+def test_changed_param_reruns_only_downstream(first_run):
+    project, env, _ = first_run
+    result = gptpipe("run", "--set", "pretrain.max_steps=8", "--set", "finetune.learning_rate=0.001",
+                     cwd=project, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stages run: finetune, evaluate" in result.stdout
+    assert "registered bbc:2" in result.stdout
+
+
+def test_bad_input_exits_2_and_writes_nothing(prefect_api, tmp_path):
+    project = make_project(tmp_path / "project", TINY_PARAMS, rows=[{"text": f"text {i}", "label": "x"} for i in range(10)])
+    result = gptpipe("run", cwd=project, env={"PREFECT_API_URL": prefect_api})
+    assert result.returncode == 2
+    assert "single class" in result.stderr and "labeled.csv" in result.stderr
+    assert not (project / "data").exists() and not (project / "registry").exists()
