@@ -5,7 +5,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from components.params import Params, load_params
+from components.params import Params, read_raw
 
 
 def changed_leaves(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
@@ -15,8 +15,9 @@ def changed_leaves(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[tuple
 
 
 def write_params(path: Path, params: Params) -> bool:
-    """Returns whether the file changed."""
-    changes = changed_leaves(load_params(path).model_dump(mode="json"), params.model_dump(mode="json"))
+    """Returns whether the file changed. Keys the file lacks are written too: DVC requires every param a
+    stage lists to be present in params.yaml."""
+    changes = changed_leaves(read_raw(path), params.model_dump(mode="json"))
     if not changes:
         return False
     yaml = YAML()
