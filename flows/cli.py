@@ -7,6 +7,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from components.errors import InputError, exit_on_input_error
@@ -19,6 +20,10 @@ def registry_uri(args: argparse.Namespace) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     params = load_params(PARAMS_FILE, args.set)  # validate before any server or stage starts
+    # Without PREFECT_API_URL Prefect starts a temporary server; its first start migrates a new database,
+    # which takes longer than Prefect's 20 s default on a small machine. Nothing here may call home.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.retrain import retrain  # Prefect's import is slow; keep it off the other verbs' path
     from flows.stages import StageInputError
 
