@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -101,6 +102,9 @@ class TokenThroughput(L.Callback):
 
 
 def make_trainer(precision: str, root: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    if kwargs.get("enable_progress_bar", True):
+        # tqdm redraws with carriage returns, which the flow's log streaming turns into periodic progress lines.
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=10)]
     return L.Trainer(
         accelerator="auto",
         devices=1,
