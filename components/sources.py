@@ -105,6 +105,7 @@ def read_label_folders(folder: Path, fallback_encoding: str | None = None) -> pl
 
 
 def read_table(path: Path, columns: list[str]) -> pl.DataFrame:
+    """The whole table, after checking that `columns` exist; those are cast to strings."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise InputError(f"{path}: file not found; check data paths in params.yaml")
@@ -128,7 +129,7 @@ def read_table(path: Path, columns: list[str]) -> pl.DataFrame:
     if missing:
         raise InputError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(frame.columns)}); "
                          "set the column names under data in params.yaml")
-    return frame.select(pl.col(column).cast(pl.String) for column in columns)
+    return frame.with_columns(pl.col(column).cast(pl.String) for column in columns)
 
 
 def read_labeled(path: str, text_column: str, label_column: str) -> pl.DataFrame:
@@ -144,7 +145,7 @@ def read_labeled(path: str, text_column: str, label_column: str) -> pl.DataFrame
                 raise InputError(f"{one}: file not found; check data paths in params.yaml")
             else:
                 frames.append(read_table(local, [text_column, label_column])
-                              .rename({text_column: "text", label_column: "label"}))
+                              .select(pl.col(text_column).alias("text"), pl.col(label_column).alias("label")))
     return pl.concat(frames)
 
 

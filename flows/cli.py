@@ -42,14 +42,19 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from components.predict import load_registered, predict, read_input_texts, to_json_lines
+    from components.predict import label_table, load_registered, predict, read_input, to_json_lines, write_table
 
-    texts = list(args.texts)
-    if args.input:
-        texts += read_input_texts(Path(args.input), args.text_column)
+    table = read_input(Path(args.input), args.text_column) if args.input else None
+    if args.output and table is None:
+        raise InputError("predict --output needs --input FILE: the output is that table with predictions added")
+    texts = list(args.texts) + (table[args.text_column].fill_null("").to_list() if table is not None else [])
     if not texts:
         raise InputError("predict: no text given; pass TEXT arguments or --input FILE")
     classifier, _ = load_registered(registry_uri(args), args.model)
+    if args.output:
+        write_table(label_table(classifier, table, args.text_column), Path(args.output))
+        print(f"wrote {table.height} predictions to {args.output}")
+        return
     for line in to_json_lines(predict(classifier, texts)):
         print(line)
 
@@ -77,7 +82,8 @@ def cmd_registry(args: argparse.Namespace) -> None:
                 by_version.setdefault(version, []).append(alias)
             for version in registry.versions(name):
                 manifest = registry.manifest(name, version)
-                rows.append({"model": name, "version": version, "aliases": ",".join(sorted(by_version.get(version, []))),
+                aliases = ",".join(sorted(by_version.get(version, [])))
+                rows.append({"model": name, "version": version, "aliases": aliases,
                              "test_accuracy": f"{manifest['metrics']['test_accuracy']:.4f}",
                              "test_macro_f1": f"{manifest['metrics']['test_macro_f1']:.4f}",
                              "created": manifest["created"], "git_commit": (manifest.get("git_commit") or "")[:8]})
@@ -109,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", metavar="TEXT")
     predict.add_argument("--input", help="a .txt (one text per line), CSV, TSV, JSONL or Parquet file")
     predict.add_argument("--text-column", default="text", help="text column of a tabular --input")
+    predict.add_argument("--output", help="write the --input table with label and prob_<label> columns added "
+                         "(.csv, .tsv, .jsonl or .parquet) instead of JSON lines")
     predict.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
     predict.set_defaults(handler=cmd_predict)
 

@@ -83,7 +83,8 @@ def test_changed_param_reruns_only_downstream(first_run):
 
 
 def test_bad_input_exits_2_and_writes_nothing(prefect_api, tmp_path):
-    project = make_project(tmp_path / "project", TINY_PARAMS, rows=[{"text": f"text {i}", "label": "x"} for i in range(10)])
+    one_class = [{"text": f"text {i}", "label": "x"} for i in range(10)]
+    project = make_project(tmp_path / "project", TINY_PARAMS, rows=one_class)
     result = gptpipe("run", cwd=project, env={"PREFECT_API_URL": prefect_api})
     assert result.returncode == 2
     assert "single class" in result.stderr and "labeled.csv" in result.stderr
