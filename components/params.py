@@ -46,7 +46,7 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: int = Field(8192, ge=300, le=65535, description="Byte-level BPE vocabulary, special tokens included.")
+    vocab_size: int = Field(4096, ge=300, le=65535, description="Byte-level BPE vocabulary, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="A merge must occur this often to be learned.")
 
 
@@ -70,20 +70,24 @@ PRECISION_HELP = "Lightning precision string; `auto` picks bf16-mixed where the 
 
 class PretrainParams(Section):
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer micro-step.")
-    max_steps: int = Field(1600, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(250, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(1e-3, gt=0)
     min_learning_rate: float = Field(1e-4, ge=0, description="Floor of the cosine schedule.")
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(25, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
     precision: Precision = Field("auto", description=PRECISION_HELP)
-    val_every_n_steps: int = Field(200, ge=1)
+    val_every_n_steps: int = Field(125, ge=1)
     val_batches: int = Field(20, ge=1, description="Batches per validation pass.")
-    checkpoint_every_n_steps: int = Field(200, ge=1, description="Resume point after a crash or kill.")
+    checkpoint_every_n_steps: int = Field(50, ge=1, description="Resume point after a crash or kill.")
 
 
 class FinetuneParams(Section):
-    epochs: int = Field(4, ge=1)
+    init_from: str = Field(
+        "pretrain", pattern=r"^(pretrain|registry:[A-Za-z0-9][A-Za-z0-9_.-]*([@:][A-Za-z0-9_.-]+)?)$",
+        description="`pretrain` (this pipeline's pre-training) or a registered foundation model, "
+        "`registry:NAME@ALIAS` or `registry:NAME:VERSION`, which the pretrain stage then fetches instead of training.")
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -94,7 +98,7 @@ class FinetuneParams(Section):
 
 class EvaluateParams(Section):
     baselines: list[Literal["tfidf_logreg", "zero_shot", "scratch"]] = Field(
-        default_factory=lambda: ["tfidf_logreg", "zero_shot", "scratch"],
+        default_factory=lambda: ["tfidf_logreg", "zero_shot"],
         description="Baselines scored on the same test split; `scratch` costs one more fine-tune.",
     )
     zero_shot_text_tokens: int = Field(128, ge=1, description="Tokens of each text shown in the zero-shot prompt.")
@@ -103,8 +107,13 @@ class EvaluateParams(Section):
 class RegistryParams(Section):
     uri: str = Field("registry", description="A local folder or s3://bucket/prefix.")
     model_name: str = Field("bbc", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    foundation_name: str = Field(
+        "bbc-foundation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name under which a pre-trained checkpoint trained here is registered for reuse.")
     promotion_tolerance: float = Field(
         0.01, ge=0, le=1, description="A new version becomes champion unless its test macro-F1 is this much worse.")
+    max_class_f1_drop: float = Field(
+        0.05, ge=0, le=1, description="... and unless some class's test F1 fell by more than this.")
 
 
 class Params(Section):

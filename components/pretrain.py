@@ -24,9 +24,11 @@ from components.atomic import atomic_dir
 from components.errors import InputError, exit_on_input_error
 from components.model import GPT, GPTConfig
 from components.params import Params, load_params
+from components.registry import Registry
 from components.training import TokenThroughput, make_trainer, resolve_precision, warmup_cosine
 
 RESUME_ROOT = Path(".gptpipe/resume/pretrain")
+REGISTRY_PREFIX = "registry:"
 
 
 class RandomWindows(IterableDataset):
@@ -120,6 +122,22 @@ def save_pretrained(model: GPT, tokens: Path, summary: dict, out: Path) -> None:
         (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def fetch_foundation(registry_uri: str, ref: str, out: Path) -> dict:
+    """Copy a registered pre-trained checkpoint into `out`, recording which one it is."""
+    registry = Registry(registry_uri)
+    manifest = registry.resolve(ref)
+    source = registry.fetch(manifest)
+    if not (source / "config.json").exists():
+        raise InputError(f"finetune.init_from=registry:{ref}: {manifest['name']}:{manifest['version']} is not a "
+                         "pre-trained checkpoint (no config.json); name a foundation model, e.g. registry:bbc-foundation")
+    with atomic_dir(out) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        summary = json.loads((staging / "metrics.json").read_text())
+        summary["foundation"] = {"name": manifest["name"], "version": manifest["version"], "registry": registry_uri}
+        (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return manifest
+
+
 def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME_ROOT) -> dict:
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -164,7 +182,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=Path, default=Path("data/tokens"))
     parser.add_argument("--out", type=Path, default=Path("models/pretrained"))
     args = parser.parse_args()
-    summary = pretrain(load_params(args.params), args.tokens, args.out)
+    params = load_params(args.params)
+    if params.finetune.init_from.startswith(REGISTRY_PREFIX):
+        ref = params.finetune.init_from.removeprefix(REGISTRY_PREFIX)
+        manifest = fetch_foundation(params.registry.uri, ref, args.out)
+        print(f"pretrain: using registered foundation {manifest['name']}:{manifest['version']} instead of training")
+        return
+    summary = pretrain(params, args.tokens, args.out)
     print(f"pretrain: val perplexity {summary['val_perplexity']:.1f}, {summary['tokens_per_second']:,.0f} tokens/s, "
           f"{summary['n_params']:,} parameters")
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -30,46 +31,78 @@ def dvc_lock_hashes(lock_file: Path) -> dict:
     return {stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])} for stage, entry in stages.items()}
 
 
-def build_lineage(repo: Path, flow_run: dict | None) -> dict:
+def build_lineage(repo: Path, flow_run: dict | None, foundation: dict) -> dict:
     pretrain = json.loads((repo / "models/pretrained/metrics.json").read_text())
     return {"git": git_state(repo), "dvc_lock": dvc_lock_hashes(repo / "dvc.lock"), "flow_run": flow_run,
+            "foundation": foundation,
             "training": {"pretrain_tokens": pretrain["train_tokens"], "pretrain_seconds": pretrain["seconds"]}}
 
 
-def classifier_digest(folder: Path) -> str:
+def folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(folder)).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
 
-def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
-    """Register models/classifier with reports/metrics.json and its lineage, unless the newest version already
-    holds this exact classifier (a rerun with nothing changed); returns the version and the promotion decision."""
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    summary = {"test_accuracy": metrics["finetune"]["test"]["accuracy"],
-               "test_macro_f1": metrics["finetune"]["test"]["macro_f1"]}
-    registry = Registry(params.registry.uri)
-    name = params.registry.model_name
-    digest = classifier_digest(repo / "models/classifier")
+def register_once(registry: Registry, name: str, digest: str, staged: Callable[[Path], dict]) -> tuple[dict, bool]:
+    """Register what `staged` writes into a folder (returning the version's metadata), unless the newest
+    version already holds content with this digest (a rerun with nothing changed). Returns (manifest, new)."""
     newest = registry.aliases(name).get(LATEST)
-    if newest and registry.manifest(name, newest).get("classifier_sha256") == digest:
-        return {"name": name, "version": newest, "alias": LATEST, "reason": "unchanged, already registered",
-                "uri": params.registry.uri, "registered": False, **summary}
-    lineage = build_lineage(repo, flow_run)
+    if newest:
+        manifest = registry.manifest(name, newest)
+        if manifest.get("content_sha256") == digest:
+            return manifest, False
     with tempfile.TemporaryDirectory(prefix="gptpipe-register-") as tmp:
-        staging = Path(tmp)
-        shutil.copytree(repo / "models/classifier", staging, dirs_exist_ok=True)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (staging / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        (staging / "params.yaml").write_text(to_yaml(params))
-        shutil.copy(repo / "reports/confusion_matrix.png", staging / "confusion_matrix.png")
-        manifest = registry.register(name, staging, {"metrics": summary, "classifier_sha256": digest,
-                                                     "git_commit": lineage["git"]["commit"],
-                                                     "flow_run_id": (flow_run or {}).get("id")})
+        metadata = staged(Path(tmp))
+        return registry.register(name, Path(tmp), {**metadata, "content_sha256": digest}), True
+
+
+def register_foundation(params: Params, registry: Registry, repo: Path) -> dict:
+    """The pre-trained checkpoint as its own model, so other tasks can fine-tune from it; when this run itself
+    started from a registered foundation, that one is the lineage's foundation."""
+    pretrained = repo / "models/pretrained"
+    summary = json.loads((pretrained / "metrics.json").read_text())
+    if "foundation" in summary:
+        return summary["foundation"]
+
+    def stage(folder: Path) -> dict:
+        shutil.copytree(pretrained, folder, dirs_exist_ok=True)
+        return {"metrics": {"val_perplexity": summary["val_perplexity"]}, "kind": "foundation"}
+
+    manifest, _ = register_once(registry, params.registry.foundation_name, folder_digest(pretrained), stage)
+    return {"name": manifest["name"], "version": manifest["version"], "registry": params.registry.uri}
+
+
+def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
+    """Register the pre-trained checkpoint and models/classifier (with reports/metrics.json and lineage), each
+    only if changed, then pass the classifier through the promotion gate."""
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    test = metrics["finetune"]["test"]
+    summary = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+               "per_class_f1": {label: scores["f1"] for label, scores in test["per_class"].items()}}
+    registry = Registry(params.registry.uri)
+    foundation = register_foundation(params, registry, repo)
+
+    def stage(folder: Path) -> dict:
+        lineage = build_lineage(repo, flow_run, foundation)
+        shutil.copytree(repo / "models/classifier", folder, dirs_exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (folder / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        (folder / "params.yaml").write_text(to_yaml(params))
+        shutil.copy(repo / "reports/confusion_matrix.png", folder / "confusion_matrix.png")
+        return {"metrics": summary, "kind": "classifier", "foundation": foundation,
+                "git_commit": lineage["git"]["commit"], "flow_run_id": (flow_run or {}).get("id")}
+
+    name = params.registry.model_name
+    manifest, new = register_once(registry, name, folder_digest(repo / "models/classifier"), stage)
+    result = {"name": name, "version": manifest["version"], "uri": params.registry.uri, "registered": new,
+              "foundation": foundation, **summary}
+    if not new:
+        return {**result, "alias": LATEST, "reason": "unchanged, already registered"}
     champion_version = registry.aliases(name).get(CHAMPION)
     champion = registry.manifest(name, champion_version) if champion_version else None
-    promote, reason = promotion_decision(manifest, champion, params.registry.promotion_tolerance)
+    gate = params.registry
+    promote, reason = promotion_decision(manifest, champion, gate.promotion_tolerance, gate.max_class_f1_drop)
     registry.set_alias(name, CHAMPION if promote else CHALLENGER, manifest["version"])
-    return {"name": name, "version": manifest["version"], "alias": CHAMPION if promote else CHALLENGER,
-            "reason": reason, "uri": params.registry.uri, "registered": True, **summary}
+    return {**result, "alias": CHAMPION if promote else CHALLENGER, "reason": reason}

@@ -237,12 +237,22 @@ class Registry:
         return target
 
 
-def promotion_decision(candidate: dict, champion: dict | None, tolerance: float) -> tuple[bool, str]:
-    """Champion if no champion exists or the candidate's test macro-F1 is within `tolerance` of it."""
+def promotion_decision(candidate: dict, champion: dict | None, tolerance: float,
+                       max_class_drop: float) -> tuple[bool, str]:
+    """Champion if there is none yet, or if the candidate's test macro-F1 is within `tolerance` of the
+    champion's and no class's F1 fell by more than `max_class_drop`; otherwise the reason it is not."""
     if champion is None:
         return True, "no champion yet"
-    new, old = candidate["metrics"]["test_macro_f1"], champion["metrics"]["test_macro_f1"]
-    if new >= old - tolerance:
-        return True, f"test macro-F1 {new:.4f} vs champion v{champion['version']} {old:.4f} (tolerance {tolerance})"
-    return False, (f"test macro-F1 {new:.4f} is worse than champion v{champion['version']}'s {old:.4f} by more "
-                   f"than {tolerance}; kept as challenger")
+    new, old = candidate["metrics"], champion["metrics"]
+    against = f"champion v{champion['version']}"
+    if new["test_macro_f1"] < old["test_macro_f1"] - tolerance:
+        return False, (f"test macro-F1 {new['test_macro_f1']:.4f} is worse than {against}'s "
+                       f"{old['test_macro_f1']:.4f} by more than {tolerance}; kept as challenger")
+    old_classes, new_classes = old.get("per_class_f1", {}), new.get("per_class_f1", {})
+    drops = {label: f1 - new_classes.get(label, 0.0) for label, f1 in old_classes.items()}
+    worst = max(drops, key=drops.get, default=None)
+    if worst is not None and drops[worst] > max_class_drop:
+        return False, (f"F1 of class {worst!r} fell from {old_classes[worst]:.4f} to {new_classes.get(worst, 0):.4f}, "
+                       f"more than {max_class_drop}; kept as challenger")
+    return True, (f"test macro-F1 {new['test_macro_f1']:.4f} vs {against}'s {old['test_macro_f1']:.4f} "
+                  f"(tolerance {tolerance}, largest class drop {max(0.0, drops.get(worst, 0.0)):.4f})")

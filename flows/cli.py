@@ -38,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"macro-F1 {metrics['finetune']['test']['macro_f1']:.4f} (fine-tuned GPT)")
     for name, baseline in metrics["baselines"].items():
         print(f"test accuracy {baseline['test']['accuracy']:.4f}, macro-F1 {baseline['test']['macro_f1']:.4f} ({name})")
-    print(f"registered {registered['name']}:{registered['version']} as {registered['alias']} in {registered['uri']}")
+    print(f"registered {registered['name']}:{registered['version']} as {registered['alias']} in {registered['uri']}"
+          f" ({registered['reason']})")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

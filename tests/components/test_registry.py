@@ -78,8 +78,14 @@ def test_a_written_version_is_never_overwritten(registry, model_folder):
 
 
 def test_promotion_gate():
-    champion = {"version": 1, "metrics": {"test_macro_f1": 0.95}}
-    assert promotion_decision({"metrics": {"test_macro_f1": 0.945}}, champion, 0.01)[0]
-    promoted, reason = promotion_decision({"metrics": {"test_macro_f1": 0.90}}, champion, 0.01)
-    assert not promoted and "challenger" in reason
-    assert promotion_decision({"metrics": {"test_macro_f1": 0.1}}, None, 0.01)[0]
+    champion = {"version": 1, "metrics": {"test_macro_f1": 0.95, "per_class_f1": {"a": 0.9, "b": 1.0}}}
+
+    def candidate(f1, a, b):
+        return {"metrics": {"test_macro_f1": f1, "per_class_f1": {"a": a, "b": b}}}
+
+    assert promotion_decision(candidate(0.945, 0.89, 1.0), champion, 0.01, 0.05)[0]
+    promoted, reason = promotion_decision(candidate(0.90, 0.9, 0.9), champion, 0.01, 0.05)
+    assert not promoted and "macro-F1 0.9000 is worse" in reason
+    promoted, reason = promotion_decision(candidate(0.96, 0.8, 1.0), champion, 0.01, 0.05)
+    assert not promoted and "class 'a' fell from 0.9000 to 0.8000" in reason
+    assert promotion_decision(candidate(0.1, 0, 0), None, 0.01, 0.05) == (True, "no champion yet")

@@ -82,6 +82,19 @@ def test_changed_param_reruns_only_downstream(first_run):
     assert "registered bbc:2" in result.stdout
 
 
+def test_finetune_from_a_registered_foundation(first_run):
+    project, env, _ = first_run
+    foundation = json.loads((project / "registry/bbc-foundation/versions/1.json").read_text())
+    assert "model.safetensors" in foundation["files"] and "config.json" in foundation["files"]
+    result = gptpipe("run", "--set", "finetune.init_from=registry:bbc-foundation:1", cwd=project, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stages run: pretrain, finetune, evaluate" in result.stdout
+    assert sorted(p.name for p in (project / "registry/bbc-foundation/versions").iterdir()) == ["1.json"]
+    newest = max(int(p.stem) for p in (project / "registry/bbc/versions").iterdir())
+    manifest = json.loads((project / f"registry/bbc/versions/{newest}.json").read_text())
+    assert manifest["foundation"]["name"] == "bbc-foundation" and manifest["foundation"]["version"] == 1
+
+
 def test_bad_input_exits_2_and_writes_nothing(prefect_api, tmp_path):
     one_class = [{"text": f"text {i}", "label": "x"} for i in range(10)]
     project = make_project(tmp_path / "project", TINY_PARAMS, rows=one_class)
