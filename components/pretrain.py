@@ -129,7 +129,8 @@ def fetch_foundation(registry_uri: str, ref: str, out: Path) -> dict:
     source = registry.fetch(manifest)
     if not (source / "config.json").exists():
         raise InputError(f"finetune.init_from=registry:{ref}: {manifest['name']}:{manifest['version']} is not a "
-                         "pre-trained checkpoint (no config.json); name a foundation model, e.g. registry:bbc-foundation")
+                         "pre-trained checkpoint (no config.json); name a foundation model, e.g. "
+                         "registry:bbc-foundation")
     with atomic_dir(out) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         summary = json.loads((staging / "metrics.json").read_text())

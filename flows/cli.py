@@ -2,6 +2,7 @@
 
     gptpipe run [--set section.key=value]...
     gptpipe predict --model NAME[@ALIAS|:VERSION] [TEXT ...] [--input FILE]
+    gptpipe generate [--model models/pretrained|NAME@ALIAS] [PROMPT ...]
     gptpipe registry list|show|promote|rollback
 """
 
@@ -58,6 +59,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     for line in to_json_lines(predict(classifier, texts)):
         print(line)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from components.generate import generate, locate_checkpoint
+
+    folder = locate_checkpoint(args.model, registry_uri(args))
+    for index, prompt in enumerate(args.prompts or [""]):
+        print(generate(folder, prompt, args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + index))
 
 
 def print_table(rows: list[dict]) -> None:
@@ -120,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "(.csv, .tsv, .jsonl or .parquet) instead of JSON lines")
     predict.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
     predict.set_defaults(handler=cmd_predict)
+
+    generate = verbs.add_parser("generate", help="sample text from a pre-trained checkpoint")
+    generate.add_argument("--model", default="models/pretrained",
+                          help="a checkpoint folder or a registered foundation model (NAME@ALIAS, NAME:VERSION)")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT")
+    generate.add_argument("--max-new-tokens", type=int, default=60)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=40)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
+    generate.set_defaults(handler=cmd_generate)
 
     registry = verbs.add_parser("registry", help="list, show, promote or roll back registered models")
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,0 +1,52 @@
+"""Generate: sample a continuation from a pre-trained checkpoint, for a quick look at what the LM learned."""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from components.errors import InputError
+from components.inference import load_backbone
+from components.model import GPT
+from components.registry import Registry
+from components.tokenize import END_OF_TEXT
+
+
+def locate_checkpoint(model: str, registry_uri: str) -> Path:
+    """A local checkpoint folder (models/pretrained) or a registered foundation model (NAME@ALIAS, NAME:VERSION)."""
+    folder = Path(model)
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise InputError(f"{folder}: no config.json; pass a pre-trained checkpoint folder, e.g. models/pretrained")
+        return folder
+    registry = Registry(registry_uri)
+    fetched = registry.fetch(registry.resolve(model))
+    if not (fetched / "config.json").exists():
+        raise InputError(f"--model {model}: not a pre-trained checkpoint; name a foundation model, e.g. bbc-foundation")
+    return fetched
+
+
+@torch.no_grad()
+def sample(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+           stop_id: int | None, seed: int) -> list[int]:
+    """Top-k sampling, one token at a time, the context cropped to the model's window."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt_ids or [stop_id or 0]])
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -model.config.context_length:])[0, -1].float() / max(temperature, 1e-5)
+        top = torch.topk(logits, min(top_k, logits.numel()))
+        choice = top.indices[torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)]
+        if choice.item() == stop_id:
+            break
+        ids = torch.cat([ids, choice.view(1, 1)], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+def generate(folder: Path, prompt: str, max_new_tokens: int = 60, temperature: float = 0.8, top_k: int = 40,
+             seed: int = 0) -> str:
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = load_backbone(folder)
+    new_ids = sample(model, tokenizer.encode(prompt).ids, max_new_tokens, temperature, top_k,
+                     tokenizer.token_to_id(END_OF_TEXT), seed)
+    return prompt + tokenizer.decode(new_ids)
