@@ -69,7 +69,8 @@ PRECISION_HELP = "Lightning precision string; `auto` picks bf16-mixed where the 
 
 
 class PretrainParams(Section):
-    batch_size: int = Field(16, ge=1, description="Sequences per optimizer micro-step.")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-step, all devices together.")
+    accumulate_grad_batches: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     max_steps: int = Field(250, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(1e-3, gt=0)
     min_learning_rate: float = Field(1e-4, ge=0, description="Floor of the cosine schedule.")
@@ -80,6 +81,21 @@ class PretrainParams(Section):
     val_every_n_steps: int = Field(125, ge=1)
     val_batches: int = Field(20, ge=1, description="Batches per validation pass.")
     checkpoint_every_n_steps: int = Field(50, ge=1, description="Resume point after a crash or kill.")
+    checkpoint_uri: str | None = Field(
+        None, description="Also mirror each checkpoint to this folder or s3://bucket/prefix as it is written, so a "
+        "retry on another worker resumes from it.")
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPUs; not on small CPU models).")
+    devices: int = Field(1, ge=1, description="Processes per node; >1 trains data-parallel (DDP, gloo on CPU).")
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="`fsdp` shards large models.")
+
+    @model_validator(mode="after")
+    def _batch_splits_over_devices(self) -> "PretrainParams":
+        world = self.devices * self.num_nodes
+        if self.batch_size % world:
+            raise ValueError(f"pretrain.batch_size ({self.batch_size}) must be a multiple of "
+                             f"devices x num_nodes ({world})")
+        return self
 
 
 class FinetuneParams(Section):

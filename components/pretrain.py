@@ -24,7 +24,7 @@ from components.atomic import atomic_dir
 from components.errors import InputError, exit_on_input_error
 from components.model import GPT, GPTConfig
 from components.params import Params, load_params
-from components.registry import Registry
+from components.registry import Registry, open_store
 from components.training import TokenThroughput, make_trainer, resolve_precision, warmup_cosine
 
 RESUME_ROOT = Path(".gptpipe/resume/pretrain")
@@ -32,21 +32,26 @@ REGISTRY_PREFIX = "registry:"
 
 
 class RandomWindows(IterableDataset):
-    """Batches of random context windows from a memory-mapped token file. Batch `i` depends only on
-    (seed, rank, i), so a resumed run continues with exactly the batches it would have seen."""
+    """Batches of random context windows from a memory-mapped token file. Global batch `i` depends only on
+    (seed, i), so a resumed run continues with exactly the batches it would have seen; under data parallelism
+    each of `world_size` ranks takes its own slice of it, so ranks never overlap and any number of processes
+    trains on the same data as one."""
 
     def __init__(self, path: Path, dtype: str, context: int, batch_size: int, seed: int,
-                 first_batch: int = 0, rank: int = 0, num_batches: int | None = None):
+                 first_batch: int = 0, rank: int = 0, num_batches: int | None = None, world_size: int = 1):
         self.path, self.dtype, self.context, self.batch_size = path, dtype, context, batch_size
         self.seed, self.first_batch, self.rank, self.num_batches = seed, first_batch, rank, num_batches
+        self.world_size = world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         offsets = np.arange(self.context + 1)
         index = self.first_batch
         while self.num_batches is None or index < self.first_batch + self.num_batches:
-            rng = np.random.default_rng([self.seed, self.rank, index])
+            rng = np.random.default_rng([self.seed, index])
             starts = rng.integers(0, len(tokens) - self.context - 1, size=self.batch_size)
+            per_rank = self.batch_size // self.world_size
+            starts = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
             windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))  # (B, T+1)
             yield windows[:, :-1], windows[:, 1:]
             index += 1
@@ -99,11 +104,13 @@ class WindowData(L.LightningDataModule):
         # Read after Lightning restored a checkpoint: continue from the batch after the last one trained.
         trainer = self.trainer
         return self.windows("train", first_batch=trainer.global_step * trainer.accumulate_grad_batches,
-                            rank=trainer.global_rank)
+                            rank=trainer.global_rank, world_size=trainer.world_size)
 
     def val_dataloader(self) -> DataLoader:
         # The same held-out windows at every validation, so the curve compares like with like.
-        return self.windows("val", num_batches=self.val_batches, first_batch=0, rank=0)
+        trainer = self.trainer
+        return self.windows("val", num_batches=self.val_batches, first_batch=0, rank=trainer.global_rank,
+                            world_size=trainer.world_size)
 
 
 def check_corpus(manifest: dict, context: int, tokens: Path) -> None:
@@ -139,6 +146,16 @@ def fetch_foundation(registry_uri: str, ref: str, out: Path) -> dict:
     return manifest
 
 
+def resume_key(params: Params, config: GPTConfig, data_fingerprint: str) -> str:
+    """Names the resume folder: everything that changes what training computes; not how often it validates or
+    checkpoints, nor how many devices share the (global) batch."""
+    operational = {"val_every_n_steps", "val_batches", "checkpoint_every_n_steps", "checkpoint_uri", "compile",
+                   "devices", "num_nodes", "strategy"}
+    identity = {"seed": params.seed, "model": config.to_dict(), "data": data_fingerprint,
+                "train": params.pretrain.model_dump(exclude=operational)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME_ROOT) -> dict:
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -148,32 +165,46 @@ def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME
     config = GPTConfig(vocab_size=manifest["vocab_size"], **params.model.model_dump())
     fingerprint = manifest["train"]["sha256"] + manifest["val"]["sha256"]
     module = LanguageModel(config.to_dict(), cfg.model_dump(), fingerprint)
-    run_key = hashlib.sha256(json.dumps(module.hparams, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    resume_dir = resume_root / run_key
+    resume_dir = resume_root / resume_key(params, config, fingerprint)
     data = WindowData(tokens, manifest, config.context_length, cfg.batch_size, params.seed, cfg.val_batches)
     throughput = TokenThroughput(cfg.batch_size * config.context_length, module.model.flops_per_token())
     checkpoints = ModelCheckpoint(dirpath=resume_dir, filename="last", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_top_k=1, enable_version_counter=False, save_on_exception=False)
-    trainer = make_trainer(cfg.precision, resume_dir, [throughput, checkpoints], max_steps=cfg.max_steps,
-                           val_check_interval=cfg.val_every_n_steps, check_val_every_n_epoch=None,
-                           limit_val_batches=cfg.val_batches, gradient_clip_val=cfg.grad_clip or None,
-                           log_every_n_steps=10)
-    # loop (resuming from the last checkpoint of this exact configuration, if one survived a crash)
+    mirror = open_store(cfg.checkpoint_uri) if cfg.checkpoint_uri else None
+
+    def mirror_checkpoint(path: Path) -> None:
+        mirror.upload(f"{resume_dir.name}/{path.name}", path)
+
+    trainer = make_trainer(cfg.precision, resume_dir, [throughput, checkpoints],
+                           mirror=mirror_checkpoint if mirror else None,
+                           max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches,
+                           devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                           val_check_interval=cfg.val_every_n_steps * cfg.accumulate_grad_batches,
+                           check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
+                           gradient_clip_val=cfg.grad_clip or None, log_every_n_steps=10)
+    # loop (resuming from the last checkpoint of this exact configuration, if one survived a crash here or,
+    # mirrored, on another worker)
     last = resume_dir / "last.ckpt"
+    if not last.exists() and mirror and (remote := mirror.get(f"{resume_dir.name}/last.ckpt")) is not None:
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        last.write_bytes(remote)
     resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else 0
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
+    trainer.fit(torch.compile(module) if cfg.compile else module, datamodule=data,
+                ckpt_path=last if last.exists() else None)
     # validate
     val_loss = trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"]
     # save
     summary = {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
                "tokens_per_second": throughput.tokens_per_second, "mfu": throughput.mfu,
                "n_params": module.model.num_params(non_embedding=False),
-               "train_tokens": cfg.max_steps * cfg.batch_size * config.context_length,
+               "train_tokens": cfg.max_steps * cfg.accumulate_grad_batches * cfg.batch_size * config.context_length,
                "steps": cfg.max_steps, "resumed_from_step": resumed_from,
-               "seconds": time.perf_counter() - started, "precision": resolve_precision(cfg.precision)}
-    save_pretrained(module.model, tokens, summary, out)
-    shutil.rmtree(resume_dir, ignore_errors=True)
+               "seconds": time.perf_counter() - started, "precision": resolve_precision(cfg.precision),
+               "devices": trainer.world_size}
+    if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
+        save_pretrained(module.model, tokens, summary, out)
+        shutil.rmtree(resume_dir, ignore_errors=True)
     return summary
 
 

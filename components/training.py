@@ -4,6 +4,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,11 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write a checkpoint beside its target and rename it into place, so a kill mid-write never leaves a
-    truncated file where a resume would read it."""
+    truncated file where a resume would read it; then copy it to `mirror` (a folder or s3:// store), from
+    which a retry on another machine resumes."""
+
+    def __init__(self, mirror: Callable[[Path], None] | None = None):
+        self.mirror = mirror
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
@@ -56,6 +61,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(staging).unlink(missing_ok=True)
             raise
+        if self.mirror:
+            self.mirror(path)
 
 
 class TokenThroughput(L.Callback):
@@ -85,7 +92,7 @@ class TokenThroughput(L.Callback):
         if self._batches <= self.skip or self._started is None:
             return
         self.seconds += time.perf_counter() - self._started
-        self.tokens += self.tokens_per_batch * trainer.world_size
+        self.tokens += self.tokens_per_batch  # the global batch: all ranks step together
         pl_module.log("tok/s", self.tokens_per_second, prog_bar=True, on_step=True, rank_zero_only=True)
         if self.mfu is not None:
             pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True, rank_zero_only=True)
@@ -101,18 +108,19 @@ class TokenThroughput(L.Callback):
         return self.tokens_per_second * self.flops_per_token / self.peak_flops
 
 
-def make_trainer(precision: str, root: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+def make_trainer(precision: str, root: Path, callbacks: list[L.Callback], mirror: Callable[[Path], None] | None = None,
+                 **kwargs: Any) -> L.Trainer:
     if kwargs.get("enable_progress_bar", True):
         # tqdm redraws with carriage returns, which the flow's log streaming turns into periodic progress lines.
         callbacks = [*callbacks, TQDMProgressBar(refresh_rate=10)]
+    kwargs.setdefault("devices", 1)
     return L.Trainer(
         accelerator="auto",
-        devices=1,
         precision=resolve_precision(precision),
         default_root_dir=root,
         logger=False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(mirror)],
         enable_model_summary=False,
         num_sanity_val_steps=0,
         **kwargs,

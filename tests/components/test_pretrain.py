@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from components.pretrain import RandomWindows
@@ -19,12 +20,13 @@ def test_windows_are_shifted_targets_deterministic_and_resumable(tmp_path):
     np.arange(1000, dtype=np.uint16).tofile(path)
     full = list(RandomWindows(path, "uint16", 8, 4, seed=1, num_batches=5))
     resumed = list(RandomWindows(path, "uint16", 8, 4, seed=1, first_batch=3, num_batches=2))
-    other_rank = list(RandomWindows(path, "uint16", 8, 4, seed=1, rank=1, num_batches=5))
+    halves = [list(RandomWindows(path, "uint16", 8, 4, seed=1, rank=r, world_size=2, num_batches=5)) for r in (0, 1)]
     x, y = full[0]
     assert x.shape == (4, 8) and (y == x + 1).all()  # consecutive ids: the target is the next token
     for (a, _), (b, _) in zip(full[3:], resumed, strict=True):
         assert (a == b).all()
-    assert not all((a == b).all() for (a, _), (b, _) in zip(full, other_rank, strict=True))
+    for (whole, _), (first, _), (second, _) in zip(full, *halves, strict=True):  # ranks split the global batch
+        assert (torch.cat([first, second]) == whole).all()
 
 
 def test_schedule_warms_up_then_decays_to_floor():
