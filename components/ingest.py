@@ -1,22 +1,27 @@
-"""Ingest: read the labeled data, normalise, drop duplicates, split train/val/test by seed.
+"""Ingest: read the labeled data, normalise, drop duplicates and leaks, split train/val/test by seed, report.
 
-    python -m components.ingest --out data/prepared
+    python -m components.ingest --out data/prepared --report reports/data.json --plot reports/data_lengths.png
 """
 
 import argparse
+import io
 import json
+import math
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from sklearn.model_selection import train_test_split
 
-from components.atomic import atomic_dir
+from components.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from components.errors import InputError, exit_on_input_error
 from components.params import Params, load_params
 from components.sources import read_labeled
 
 SPLITS = ("train", "val", "test")
+QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9, "p99": 0.99}
 
 
 def normalise(text: str) -> str:
@@ -25,61 +30,155 @@ def normalise(text: str) -> str:
 
 
 def clean(frame: pl.DataFrame, source: str) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Normalised texts and labels without blanks or duplicates (the first copy of a text is kept)."""
     read = frame.height
     frame = frame.with_columns(
-        pl.col("text").map_elements(normalise, return_dtype=pl.String),
-        pl.col("label").str.strip_chars(),
+        pl.col("text").fill_null("").map_elements(normalise, return_dtype=pl.String),
+        pl.col("label").fill_null("").str.strip_chars(),
     )
     frame = frame.filter(pl.col("text").str.len_chars() > 0, pl.col("label").str.len_chars() > 0)
     blank = read - frame.height
+    conflicts = frame.group_by("text").agg(pl.col("label").n_unique()).filter(pl.col("label") > 1).height
     frame = frame.unique(subset="text", keep="first", maintain_order=True)
     if frame.height == 0:
-        raise InputError(f"{source}: no rows with both a text and a label; check the file and column names")
-    return frame, {"read": read, "blank_dropped": blank, "duplicates_dropped": read - blank - frame.height,
-                   "kept": frame.height}
+        raise InputError(f"{source}: no rows with both a text and a label; check the file and the column names "
+                         "under data in params.yaml")
+    return frame, {"read": read, "blank": blank, "duplicate": read - blank - frame.height,
+                   "label_conflicts": conflicts}
 
 
-def stratified_split(frame: pl.DataFrame, fraction: float, seed: int, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    counts = frame["label"].value_counts()
-    rare = counts.filter(pl.col("count") < 2)
-    if rare.height:
-        raise InputError(f"{source}: label {rare['label'][0]!r} has fewer than 2 examples, too few to split; "
-                         "add examples or remove the label")
-    keep, held = train_test_split(range(frame.height), test_size=fraction, random_state=seed,
-                                  stratify=frame["label"].to_list())
+def check_labels(frame: pl.DataFrame, needed: int, source: str, column: str) -> None:
+    """Every label needs an example in each split cut from it."""
+    counts = frame["label"].value_counts().sort(["count", "label"])
+    if counts["count"][0] < needed:
+        label, count = counts.row(0)
+        splits = "train, val and test" if needed == 3 else "train and val"
+        raise InputError(f"{source}: label {label!r} in column {column!r} has {count} example(s), fewer than the "
+                         f"{needed} that {splits} need; add examples or remove the label")
+
+
+def check_split_size(rows: int, fraction: float, labels: int, key: str, source: str) -> None:
+    held = math.ceil(fraction * rows)
+    if held < labels or rows - held < labels:
+        raise InputError(f"{source}: {key}={fraction:g} of {rows} rows holds out {held}, which cannot cover all "
+                         f"{labels} labels; add rows or change {key} in params.yaml")
+
+
+def stratified_split(frame: pl.DataFrame, fraction: float, seed: int, source: str,
+                     key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    check_split_size(frame.height, fraction, frame["label"].n_unique(), key, source)
+    try:
+        keep, held = train_test_split(range(frame.height), test_size=fraction, random_state=seed,
+                                      stratify=frame["label"].to_list())
+    except ValueError as error:
+        raise InputError(f"{source}: cannot split by {key}={fraction:g} ({error}); add examples of the rare labels "
+                         "or change the fractions") from None
     return frame[sorted(keep)], frame[sorted(held)]
 
 
+def cap_per_label(frame: pl.DataFrame, limit: int | None, seed: int) -> pl.DataFrame:
+    """At most `limit` rows per label, chosen by seed; the rows keep their order."""
+    if limit is None:
+        return frame
+    rng = np.random.default_rng([seed, limit])
+    labels = frame["label"].to_numpy()
+    keep = []
+    for label in sorted(set(labels)):
+        rows = np.flatnonzero(labels == label)
+        keep.append(rows if len(rows) <= limit else rng.choice(rows, size=limit, replace=False))
+    return frame[np.sort(np.concatenate(keep)).tolist()]
+
+
+def length_stats(texts: pl.Series) -> dict[str, float]:
+    lengths = texts.str.len_chars()
+    stats = {"min": int(lengths.min()), **{k: float(lengths.quantile(q, "nearest")) for k, q in QUANTILES.items()},
+             "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
+    return stats
+
+
+def read_source(path: str, text_column: str, label_column: str, undecodable: str) -> tuple[pl.DataFrame, dict]:
+    counts: Counter = Counter()
+    frame, report = clean(read_labeled(path, text_column, label_column, undecodable, counts), path)
+    report["undecodable"] = counts["undecodable"]
+    report["read"] += counts["undecodable"]
+    return frame, report
+
+
 def ingest(params: Params) -> tuple[dict[str, pl.DataFrame], dict]:
-    """Read, clean and split; returns the splits and a report of what was kept and dropped."""
-    labeled = params.data.labeled
-    frame, report = clean(read_labeled(labeled.path, labeled.text_column, labeled.label_column), labeled.path)
+    """Read, clean and split; returns the splits and a report of what was kept and dropped, and why."""
+    data, labeled = params.data, params.data.labeled
+    frame, labeled_report = read_source(labeled.path, labeled.text_column, labeled.label_column, data.undecodable)
     labels = sorted(frame["label"].unique().to_list())
     if len(labels) < 2:
         raise InputError(f"{labeled.path}: column {labeled.label_column!r} has a single class ({labels[0]!r}); "
                          "a classifier needs at least two")
-    test_cfg = params.data.test
+    reports = {"labeled": labeled_report}
+    leakage = 0
+    test_cfg = data.test
     if test_cfg.path:
-        test, test_report = clean(read_labeled(test_cfg.path, test_cfg.text_column, test_cfg.label_column),
-                                  test_cfg.path)
+        test, reports["test_file"] = read_source(test_cfg.path, test_cfg.text_column, test_cfg.label_column,
+                                                 data.undecodable)
         unknown = sorted(set(test["label"].to_list()) - set(labels))
         if unknown:
-            raise InputError(f"{test_cfg.path}: label {unknown[0]!r} does not occur in the training data "
-                             f"({labeled.path}); fix the label or add training examples")
-        # A text in both files would be tested on what was trained: keep it in test only.
-        frame = frame.join(test.select("text"), on="text", how="anti")
-        report["test_file"] = test_report
+            raise InputError(f"{test_cfg.path}: label {unknown[0]!r} in column {test_cfg.label_column!r} does not "
+                             f"occur in the training data ({labeled.path}); fix the label or add training examples")
+        # A text in both files would be tested on what was trained: drop it from the larger side.
+        if frame.height >= test.height:
+            shrunk = frame.join(test.select("text"), on="text", how="anti", maintain_order="left")
+            leakage, frame = frame.height - shrunk.height, shrunk
+        else:
+            shrunk = test.join(frame.select("text"), on="text", how="anti", maintain_order="left")
+            leakage, test = test.height - shrunk.height, shrunk
+        if test.height == 0:
+            raise InputError(f"{test_cfg.path}: every test text also occurs in {labeled.path}; "
+                             "use a test set of unseen texts")
+        check_labels(frame, 2, labeled.path, labeled.label_column)
         rest = frame
     else:
-        rest, test = stratified_split(frame, params.data.test_fraction, params.seed, labeled.path)
-    val_share = params.data.val_fraction / (1 - (0 if test_cfg.path else params.data.test_fraction))
-    train, val = stratified_split(rest, val_share, params.seed, labeled.path)
-    splits = {"train": train, "val": val, "test": test}
-    report["splits"] = {name: {"rows": split.height,
-                               "per_label": dict(sorted(split["label"].value_counts().iter_rows()))}
-                        for name, split in splits.items()}
-    report["labels"] = labels
+        check_labels(frame, 3, labeled.path, labeled.label_column)
+        rest, test = stratified_split(frame, data.test_fraction, params.seed, labeled.path, "data.test_fraction")
+    val_share = data.val_fraction / (1 - (0 if test_cfg.path else data.test_fraction))
+    train, val = stratified_split(rest, val_share, params.seed, labeled.path, "data.val_fraction")
+    capped = cap_per_label(train, data.labels_per_class, params.seed)
+    splits = {"train": capped, "val": val, "test": test}
+    dropped = {reason: sum(r[reason] for r in reports.values()) for reason in ("blank", "duplicate", "undecodable")}
+    dropped |= {"leakage": leakage, "labels_per_class": train.height - capped.height}
+    report = {
+        "read": sum(r["read"] for r in reports.values()),
+        "kept": sum(split.height for split in splits.values()),
+        "dropped": dropped,
+        "label_conflicts": sum(r["label_conflicts"] for r in reports.values()),
+        "sources": {name: {"path": path, **reports[name]} for name, path in
+                    (("labeled", labeled.path), ("test_file", test_cfg.path)) if name in reports},
+        "labels": labels,
+        "labels_per_class": data.labels_per_class,
+        "splits": {name: {"rows": split.height, "per_label": dict(sorted(split["label"].value_counts().iter_rows())),
+                          "chars": length_stats(split["text"])}
+                   for name, split in splits.items()},
+    }
     return splits, report
+
+
+def length_histogram(splits: dict[str, pl.DataFrame]) -> bytes:
+    """Text lengths in characters per split, on log-spaced bins, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = {name: split["text"].str.len_chars().to_numpy() for name, split in splits.items()}
+    longest = max(int(values.max()) for values in lengths.values())
+    bins = np.geomspace(1, max(longest, 2) + 1, 40)
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, values in lengths.items():
+        axis.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{name} ({len(values)})")
+    axis.set(xscale="log", xlabel="characters per text", ylabel="texts", title="Text lengths by split")
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def write_splits(splits: dict[str, pl.DataFrame], report: dict, out: Path) -> None:
@@ -90,16 +189,22 @@ def write_splits(splits: dict[str, pl.DataFrame], report: dict, out: Path) -> No
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--report", type=Path, default=Path("reports/data.json"))
+    parser.add_argument("--plot", type=Path, default=Path("reports/data_lengths.png"))
     args = parser.parse_args()
     splits, report = ingest(load_params(args.params))
+    plot = length_histogram(splits)
     write_splits(splits, report, args.out)
+    write_json_atomic(args.report, report)
+    write_bytes_atomic(args.plot, plot)
     sizes = ", ".join(f"{name} {split.height}" for name, split in splits.items())
-    print(f"ingest: {report['read']} rows read, {report['kept']} kept; {sizes}; labels {report['labels']}")
+    dropped = ", ".join(f"{count} {reason}" for reason, count in report["dropped"].items() if count)
+    print(f"ingest: {report['read']} rows read, {report['kept']} kept (dropped: {dropped or 'none'}); {sizes}; "
+          f"labels {report['labels']}")
 
 
 if __name__ == "__main__":

@@ -43,11 +43,23 @@ class DataParams(Section):
     unlabeled: UnlabeledData = UnlabeledData()
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of labeled rows held out for test.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of labeled rows held out for validation.")
+    undecodable: Literal["fail", "skip"] = Field(
+        "fail", description="Rows or lines that are not UTF-8: `fail` stops with their file and line, `skip` drops "
+        "and counts them.")
+    labels_per_class: int | None = Field(
+        None, ge=1, description="Keep at most this many training examples per label (chosen by seed); "
+        "null keeps all. Validation and test are never capped.")
 
 
 class TokenizerParams(Section):
-    vocab_size: int = Field(4096, ge=300, le=65535, description="Byte-level BPE vocabulary, special tokens included.")
+    vocab_size: int = Field(4096, ge=300, le=1 << 20,
+                            description="Byte-level BPE vocabulary, special tokens included; ids are uint16 up to "
+                            "65,536, else uint32.")
     min_frequency: int = Field(2, ge=1, description="A merge must occur this often to be learned.")
+    train_max_mb: float | None = Field(
+        256, gt=0, description="Train the BPE on at most this many MB of the corpus (its start); null uses all. "
+        "Every text is still encoded.")
+    shard_tokens: int = Field(50_000_000, ge=1024, description="Token ids per shard file.")
 
 
 class ModelParams(Section):

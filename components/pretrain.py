@@ -72,7 +72,8 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val_loss", F.cross_entropy(self.model(x).flatten(0, 1), y.flatten()), prog_bar=True)
+        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)  # each rank holds a slice of the windows
 
     def configure_optimizers(self):
         cfg = self.train_cfg

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+
+from components.params import Params, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -133,7 +134,8 @@ def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> 
     shutil.copytree(ROOT, target, ignore=ignore)
     for generated in (target / "reports").glob("*.*"):
         generated.unlink()
-    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Every key written out: DVC requires each param a stage lists to be present in params.yaml.
+    (target / "params.yaml").write_text(to_yaml(Params.model_validate(params)))
     pl.DataFrame(rows or support_tickets()).write_csv(target / "labeled.csv")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -145,3 +147,13 @@ def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> 
 def gptpipe(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "gptpipe"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})
+
+
+@pytest.fixture
+def tokenized(tmp_path):
+    """A real tokenized corpus from the tiny support tickets."""
+    project = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    for stage in ("ingest", "tokenize"):
+        subprocess.run(["dvc", "repro", stage], cwd=project, check=True, env=env, capture_output=True)
+    return project, env

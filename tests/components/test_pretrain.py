@@ -36,18 +36,6 @@ def test_schedule_warms_up_then_decays_to_floor():
     assert values[100] == pytest.approx(0.1)
 
 
-@pytest.fixture
-def tokenized(tmp_path):
-    """A real tokenized corpus from the tiny support tickets."""
-    from tests.conftest import make_project
-
-    project = make_project(tmp_path / "project", TINY_PARAMS)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    for stage in ("ingest", "tokenize"):
-        subprocess.run(["dvc", "repro", stage], cwd=project, check=True, env=env, capture_output=True)
-    return project, env
-
-
 def test_checkpoint_folder_describes_itself(tokenized):
     project, env = tokenized
     subprocess.run([sys.executable, "-m", "components.pretrain"], cwd=project, check=True, env=env,
