@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.model_selection import train_test_split
 
 from components.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from components.errors import InputError, exit_on_input_error
@@ -67,6 +66,8 @@ def check_split_size(rows: int, fraction: float, labels: int, key: str, source: 
 def stratified_split(frame: pl.DataFrame, fraction: float, seed: int, source: str,
                      key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     check_split_size(frame.height, fraction, frame["label"].n_unique(), key, source)
+    from sklearn.model_selection import train_test_split  # slow to import; only ingest needs it
+
     try:
         keep, held = train_test_split(range(frame.height), test_size=fraction, random_state=seed,
                                       stratify=frame["label"].to_list())

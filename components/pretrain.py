@@ -32,27 +32,40 @@ REGISTRY_PREFIX = "registry:"
 
 
 class RandomWindows(IterableDataset):
-    """Batches of random context windows from a memory-mapped token file. Global batch `i` depends only on
-    (seed, i), so a resumed run continues with exactly the batches it would have seen; under data parallelism
-    each of `world_size` ranks takes its own slice of it, so ranks never overlap and any number of processes
-    trains on the same data as one."""
+    """Batches of random context windows from memory-mapped token files (one path, or a list of shards: a window
+    never crosses a shard's end, and a shard is picked in proportion to the windows it holds). Global batch `i`
+    depends only on (seed, i), so a resumed run continues with exactly the batches it would have seen; under data
+    parallelism each of `world_size` ranks takes its own slice of it, so ranks never overlap and any number of
+    processes trains on the same data as one."""
 
-    def __init__(self, path: Path, dtype: str, context: int, batch_size: int, seed: int,
+    def __init__(self, path: Path | list[Path], dtype: str, context: int, batch_size: int, seed: int,
                  first_batch: int = 0, rank: int = 0, num_batches: int | None = None, world_size: int = 1):
         self.path, self.dtype, self.context, self.batch_size = path, dtype, context, batch_size
         self.seed, self.first_batch, self.rank, self.num_batches = seed, first_batch, rank, num_batches
         self.world_size = world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        paths = list(self.path) if isinstance(self.path, list | tuple) else [self.path]
+        shards = [np.memmap(path, dtype=self.dtype, mode="r") if Path(path).stat().st_size else np.empty(0, self.dtype)
+                  for path in paths]
+        # Global start i lies in the shard where the running count of possible starts first exceeds i.
+        ends = np.cumsum([max(len(shard) - self.context - 1, 0) for shard in shards])
+        if not len(ends) or ends[-1] == 0:
+            raise ValueError(f"{paths[0]}: no shard holds {self.context + 1} tokens, one context window")
         offsets = np.arange(self.context + 1)
         index = self.first_batch
         while self.num_batches is None or index < self.first_batch + self.num_batches:
             rng = np.random.default_rng([self.seed, index])
-            starts = rng.integers(0, len(tokens) - self.context - 1, size=self.batch_size)
+            starts = rng.integers(0, ends[-1], size=self.batch_size)
             per_rank = self.batch_size // self.world_size
             starts = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
-            windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))  # (B, T+1)
+            which = np.searchsorted(ends, starts, side="right")
+            starts = starts - np.concatenate(([0], ends))[which]
+            windows = np.empty((len(starts), self.context + 1), dtype=np.int64)  # (B, T+1)
+            for shard in np.unique(which):
+                rows = which == shard
+                windows[rows] = shards[shard][starts[rows, None] + offsets]
+            windows = torch.from_numpy(windows)
             yield windows[:, :-1], windows[:, 1:]
             index += 1
 
@@ -97,8 +110,8 @@ class WindowData(L.LightningDataModule):
 
     def windows(self, split: str, **kwargs) -> DataLoader:
         entry = self.manifest[split]
-        data = RandomWindows(self.tokens / entry["file"], entry["dtype"], self.context, self.batch_size,
-                             self.seed, **kwargs)
+        files = [self.tokens / shard["file"] for shard in entry.get("shards", [entry])]
+        data = RandomWindows(files, entry["dtype"], self.context, self.batch_size, self.seed, **kwargs)
         return DataLoader(data, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,34 +1,41 @@
-"""Tokenize: train a byte-level BPE on the pre-training corpus and write it as memory-mappable token ids.
+"""Tokenize: train a byte-level BPE on the pre-training corpus and write it as sharded, memory-mappable token ids.
 
     python -m components.tokenize --prepared data/prepared --out data/tokens
 
-The corpus is the train split plus `data.unlabeled.paths`; validation texts are encoded separately for the
-held-out perplexity, and test texts never enter either.
+The corpus is the train split plus `data.unlabeled.paths`, streamed in batches so it may be larger than memory;
+an unlabeled text equal (after normalising) to a validation or test text is dropped and counted. Validation
+texts are encoded separately for the held-out perplexity, and test texts never enter either.
 """
 
 import argparse
 import hashlib
 import json
+import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from itertools import chain, islice
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import polars as pl
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import pyarrow.parquet as pq
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from components.atomic import atomic_dir
 from components.errors import exit_on_input_error
+from components.ingest import normalise
 from components.params import Params, load_params
-from components.sources import read_unlabeled
+from components.sources import unlabeled_batches
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|pad|>"
 SPECIAL_TOKENS = [END_OF_TEXT, PADDING]
-ENCODE_BATCH = 1024
+ENCODE_BATCH = 1024  # texts per encode call; the Rust side spreads them over every core
+ENCODE_BATCH_CHARS = 4 << 20  # ... or fewer, when they are long
+PARQUET_BATCH = 4096
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -42,44 +49,142 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
-def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(texts)
-    while batch := list(islice(iterator, size)):
+def rebatch(batches: Iterable[list[str]], size: int = ENCODE_BATCH,
+            max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
+    """Batches of up to `size` texts and about `max_chars` characters, whatever sizes came in."""
+    batch, chars = [], 0
+    for text in chain.from_iterable(batches):
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= size or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
-def write_token_stream(tokenizer: Tokenizer, texts: Iterable[str], path: Path) -> dict:
-    """Encode in parallel batches (the Rust side uses every core) and append ids, each text followed by
-    end-of-text, without holding the corpus in memory."""
+def take_chars(batches: Iterable[list[str]], limit: float | None) -> Iterator[list[str]]:
+    """The batches until about `limit` characters have gone by (all of them when `limit` is None)."""
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen >= limit:
+            return
+        seen += sum(map(len, batch))
+        yield batch
+
+
+def parquet_texts(path: Path) -> Iterator[list[str]]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH, columns=["text"]):
+        yield batch.column("text").to_pylist()
+
+
+def corpus_batches(params: Params, prepared: Path, held_out: set[str], counts: Counter) -> Iterator[list[str]]:
+    """The pre-training corpus: the train split, then the unlabeled texts that are neither blank nor a
+    validation or test text (compared after normalising)."""
+    for batch in parquet_texts(prepared / "train.parquet"):
+        counts["train_texts"] += len(batch)
+        yield batch
+    unlabeled = params.data.unlabeled
+    for path in unlabeled.paths:
+        for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts):
+            kept = []
+            for text in batch:
+                if not text or text.isspace():
+                    counts["blank"] += 1
+                elif held_out and normalise(text) in held_out:
+                    counts["leakage"] += 1
+                else:
+                    kept.append(text)
+            counts["unlabeled_texts"] += len(kept)
+            yield kept
+
+
+class ShardWriter:
+    """Appends token ids to `<split>-NNNNN.bin` files of at most `shard_tokens` ids each, hashing as it goes."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.digest, self.tokens, self.shards = hashlib.sha256(), 0, []
+        self.file = None
+        self._open()
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.file = (self.folder / name).open("wb")
+        self.shards.append({"file": name, "tokens": 0, "_digest": hashlib.sha256()})
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            shard = self.shards[-1]
+            if shard["tokens"] == self.shard_tokens:
+                self.file.close()
+                self._open()
+                shard = self.shards[-1]
+            piece, ids = ids[:self.shard_tokens - shard["tokens"]], ids[self.shard_tokens - shard["tokens"]:]
+            data = piece.tobytes()
+            self.file.write(data)
+            shard["_digest"].update(data)
+            self.digest.update(data)
+            shard["tokens"] += len(piece)
+            self.tokens += len(piece)
+
+    def close(self) -> dict:
+        self.file.close()
+        shards = [{"file": s["file"], "tokens": s["tokens"], "sha256": s["_digest"].hexdigest()} for s in self.shards]
+        return {"file": shards[0]["file"], "tokens": self.tokens, "dtype": self.dtype.name,
+                "sha256": self.digest.hexdigest(), "shards": shards}
+
+
+def ids_with_end_of_text(encodings: list[Encoding], end_of_text: int, dtype: np.dtype) -> np.ndarray:
+    ids = [encoding.ids for encoding in encodings]
+    for one in ids:
+        one.append(end_of_text)
+    return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
+
+
+def write_token_stream(tokenizer: Tokenizer, batches: Iterable[list[str]], folder: Path, split: str,
+                       shard_tokens: int) -> dict:
+    """Encode in parallel batches (the Rust side uses every core, without the GIL, while this thread reads the
+    next batch and writes the last) and append ids, each text followed by end-of-text, to shards."""
     dtype = token_dtype(tokenizer.get_vocab_size())
     end_of_text = tokenizer.token_to_id(END_OF_TEXT)
-    digest, count = hashlib.sha256(), 0
-    with path.open("wb") as file:
-        for batch in batched(texts, ENCODE_BATCH):
-            ids = [np.append(np.asarray(e.ids, dtype=dtype), dtype.type(end_of_text))
-                   for e in tokenizer.encode_batch_fast(batch)]
-            chunk = np.concatenate(ids).tobytes()
-            digest.update(chunk)
-            file.write(chunk)
-            count += sum(len(i) for i in ids)
-    return {"file": path.name, "tokens": count, "dtype": dtype.name, "sha256": digest.hexdigest()}
+    writer = ShardWriter(folder, split, dtype, shard_tokens)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending = None
+        for batch in rebatch(batches):
+            future = pool.submit(tokenizer.encode_batch_fast, batch)
+            if pending is not None:
+                writer.write(ids_with_end_of_text(pending.result(), end_of_text, dtype))
+            pending = future
+        if pending is not None:
+            writer.write(ids_with_end_of_text(pending.result(), end_of_text, dtype))
+    return writer.close()
 
 
-def tokenize(params: Params, prepared: Path, out: Path) -> dict:
-    train_texts = pl.read_parquet(prepared / "train.parquet")["text"].to_list()
-    val_texts = pl.read_parquet(prepared / "val.parquet")["text"].to_list()
-
-    def corpus() -> Iterator[str]:
-        unlabeled = params.data.unlabeled
-        return chain(train_texts, *(read_unlabeled(p, unlabeled.text_column) for p in unlabeled.paths))
-
-    tokenizer = train_tokenizer(corpus(), params.tokenizer.vocab_size, params.tokenizer.min_frequency)
+def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = None) -> dict:
+    """Train the tokenizer, encode the corpus and the validation split into shards; returns the manifest.
+    `timings`, when given, receives the seconds spent training and encoding."""
+    held_out = {text for split in ("val", "test") for batch in parquet_texts(prepared / f"{split}.parquet")
+                for text in batch}
+    cfg = params.tokenizer
+    limit = cfg.train_max_mb * 1e6 if cfg.train_max_mb else None
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(take_chars(corpus_batches(params, prepared, held_out, Counter()), limit),
+                                cfg.vocab_size, cfg.min_frequency)
+    trained = time.perf_counter()
+    counts: Counter = Counter()
     with atomic_dir(out) as staging:
         tokenizer.save(str(staging / "tokenizer.json"))
-        manifest = {"vocab_size": tokenizer.get_vocab_size(),
-                    "train": write_token_stream(tokenizer, corpus(), staging / "train.bin"),
-                    "val": write_token_stream(tokenizer, val_texts, staging / "val.bin")}
+        train = write_token_stream(tokenizer, corpus_batches(params, prepared, held_out, counts), staging, "train",
+                                   cfg.shard_tokens)
+        val = write_token_stream(tokenizer, parquet_texts(prepared / "val.parquet"), staging, "val", cfg.shard_tokens)
+        manifest = {"vocab_size": tokenizer.get_vocab_size(), "dtype": train["dtype"], "train": train, "val": val,
+                    "corpus": {"train_texts": counts["train_texts"], "unlabeled_texts": counts["unlabeled_texts"],
+                               "unlabeled_dropped": {reason: counts[reason]
+                                                     for reason in ("blank", "leakage", "undecodable")}}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if timings is not None:
+        timings.update(train_seconds=trained - started, encode_seconds=time.perf_counter() - trained)
     return manifest
 
 
@@ -90,8 +195,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/tokens"))
     args = parser.parse_args()
     manifest = tokenize(load_params(args.params), args.prepared, args.out)
-    print(f"tokenize: vocab {manifest['vocab_size']}, {manifest['train']['tokens']:,} train tokens, "
-          f"{manifest['val']['tokens']:,} val tokens ({manifest['train']['dtype']})")
+    dropped = manifest["corpus"]["unlabeled_dropped"]
+    print(f"tokenize: vocab {manifest['vocab_size']}, {manifest['train']['tokens']:,} train tokens in "
+          f"{len(manifest['train']['shards'])} shard(s), {manifest['val']['tokens']:,} val tokens "
+          f"({manifest['dtype']}); unlabeled texts dropped: {dropped['leakage']} equal to val/test, "
+          f"{dropped['blank']} blank, {dropped['undecodable']} undecodable")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,10 +50,10 @@ def test_checkpoint_folder_describes_itself(tokenized):
     assert not any((project / ".gptpipe/resume/pretrain").iterdir())  # resume state is cleaned up
 
 
-def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
-    project, env = tokenized
+def kill_after_first_checkpoint(project, env, **pretrain) -> list[str]:
+    """Start pre-training, SIGKILL it once a checkpoint is on disk; returns the command to rerun."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["pretrain"].update(max_steps=400, checkpoint_every_n_steps=20, val_every_n_steps=200)
+    params["pretrain"].update(max_steps=400, checkpoint_every_n_steps=20, val_every_n_steps=200, **pretrain)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "components.pretrain"]
     process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,8 +65,25 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (project / "models/pretrained").exists()  # nothing half-written
+    return command
+
+
+def rerun_and_check_resumed(project, env, command) -> None:
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((project / "models/pretrained/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
     assert metrics["steps"] == 400
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
+    project, env = tokenized
+    command = kill_after_first_checkpoint(project, env)
+    rerun_and_check_resumed(project, env, command)
+
+
+def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized, bucket):
+    project, env = tokenized
+    command = kill_after_first_checkpoint(project, env, checkpoint_uri=f"s3://{bucket}/checkpoints")
+    shutil.rmtree(project / ".gptpipe")  # the other worker has no local state, only the store
+    rerun_and_check_resumed(project, env, command)
