@@ -3,6 +3,7 @@
     gptpipe run [--set section.key=value]...
     gptpipe predict --model NAME[@ALIAS|:VERSION] [TEXT ...] [--input FILE]
     gptpipe generate [--model models/pretrained|NAME@ALIAS] [PROMPT ...]
+    gptpipe notify [NAME] [--path PATH]
     gptpipe registry list|show|promote|rollback
 """
 
@@ -29,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from flows.stages import StageInputError
 
     try:
-        result = retrain(params=params)
+        result = retrain(params=params, push=args.push)
     except StageInputError as error:
         raise InputError(str(error)) from None
     metrics = json.loads(Path("reports/metrics.json").read_text())
@@ -67,6 +68,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     folder = locate_checkpoint(args.model, registry_uri(args))
     for index, prompt in enumerate(args.prompts or [""]):
         print(generate(folder, prompt, args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + index))
+
+
+def cmd_notify(args: argparse.Namespace) -> None:
+    from prefect.events import emit_event
+
+    event = emit_event(event="gptpipe.data.updated", resource={"prefect.resource.id": f"gptpipe.data.{args.name}"},
+                       payload={"path": args.path} if args.path else None)
+    if event is None:
+        raise InputError("notify: no Prefect API to send the event to; set PREFECT_API_URL to your Prefect server")
+    print(f"emitted gptpipe.data.updated for gptpipe.data.{args.name} (event {event.id})")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -118,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run the retrain flow (DVC stages, then registration) in this checkout")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one param (repeatable); written to params.yaml like `dvc exp run -S`")
+    run.add_argument("--push", action="store_true", help="dvc push each stage's outputs as soon as it ends")
     run.set_defaults(handler=cmd_run)
 
     predict = verbs.add_parser("predict", help="label texts with a registered model, as JSON lines")
@@ -140,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
     generate.set_defaults(handler=cmd_generate)
+
+    notify = verbs.add_parser("notify", help="announce new data: starts the retrain/on-new-data deployment")
+    notify.add_argument("name", nargs="?", default="labeled", help="which data changed (default: labeled)")
+    notify.add_argument("--path", help="where the new data is, recorded in the event")
+    notify.set_defaults(handler=cmd_notify)
 
     registry = verbs.add_parser("registry", help="list, show, promote or roll back registered models")
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")

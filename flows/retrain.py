@@ -1,19 +1,22 @@
 """The `retrain` flow: every DVC stage in dvc.yaml order, then registration of the classifier.
 
-    gptpipe run [--set section.key=value ...]
+    gptpipe run [--set section.key=value ...]           # in this checkout
+    prefect deploy --all --prefect-file infra/prefect.yaml  # retrain/default, retrain/nightly, retrain/on-new-data
 """
 
+import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from components.params import Params, load_params
+from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
-from flows.stages import StageInputError, reproduce, stage_order
+from flows.stages import StageInputError, push_outputs, reproduce, stage_order
 
+# Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
 TRAINING_STAGES = {"pretrain", "finetune"}
 
 
@@ -36,41 +39,58 @@ def run_stage(repo: Path, stage: str) -> bool:
     return ran
 
 
+@task(task_run_name="push-{stage}", retries=2, retry_delay_seconds=10)
+def push_stage(repo: Path, stage: str) -> None:
+    """Send the stage's outputs to the DVC remote, so another worker pulls instead of recomputing them."""
+    push_outputs(repo, stage, get_run_logger().info)
+
+
 @task(retries=2, retry_delay_seconds=5)
 def register_model(params: Params, repo: Path) -> dict:
     run = {"id": str(flow_run.id), "name": flow_run.name, "url": flow_run.ui_url} if flow_run.id else None
     return register(params, repo, run)
 
 
-def publish_artifacts(repo: Path, registered: dict) -> None:
-    import json
+def _headline(result: dict) -> dict:
+    return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
 
+
+def publish_artifacts(repo: Path, registered: dict) -> None:
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
     rows += [{"model": name, **_headline(result["test"])} for name, result in metrics["baselines"].items()]
     create_table_artifact(key="test-metrics", table=rows, description="Test accuracy and macro-F1, same split")
     create_markdown_artifact(
         key="registered-model",
-        markdown=(f"**{registered['name']}:{registered['version']}** in `{registered['uri']}` is now "
+        markdown=(f"**{registered['name']}:{registered['version']}** in `{registered['uri']}` is "
                   f"`{registered['alias']}` ({registered['reason']}).\n\n"
                   f"Predict with `gptpipe predict --model {registered['name']}:{registered['version']} \"text\"`."),
     )
 
 
-def _headline(result: dict) -> dict:
-    return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
+def checkout_params() -> Params:
+    """The UI form's defaults: this checkout's params.yaml when the flow is loaded (or deployed)."""
+    return load_params(PARAMS_FILE) if PARAMS_FILE.exists() else Params()
+
+
+CHECKOUT_PARAMS = checkout_params()
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(params: Params | None = None, repo: str = ".") -> dict:
-    """Run ingest -> ... -> evaluate through DVC (unchanged stages are skipped) and register the classifier.
-    Given params are written to params.yaml first, so that dvc.lock records exactly what ran."""
+def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False) -> dict:
+    """Run the dvc.yaml stages (unchanged ones are skipped) and register the classifier. The run's params are
+    written to params.yaml first, so that dvc.lock records exactly what ran; with `push`, every stage's
+    outputs go to the DVC remote as soon as the stage ends."""
     root = Path(repo).resolve()
     logger = get_run_logger()
-    if params is not None and write_params(root / "params.yaml", params):
+    if write_params(root / PARAMS_FILE, params):
         logger.info("params.yaml updated with this run's params")
-    ran = {stage: run_stage(root, stage) for stage in stage_order(root)}
-    registered = register_model(load_params(root / "params.yaml"), root)
+    ran = {}
+    for stage in stage_order(root):
+        ran[stage] = run_stage.with_options(tags={"training"} if stage in TRAINING_STAGES else set())(root, stage)
+        if push:
+            push_stage(root, stage)
+    registered = register_model(params, root)
     publish_artifacts(root, registered)
     logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")

@@ -16,6 +16,7 @@ from dvc.stage import PipelineStage
 
 ERROR_PREFIX = "gptpipe: error:"
 PROGRESS_LOG_SECONDS = 15.0
+PUSH_TIMEOUT_SECONDS = 300.0
 
 
 class StageInputError(Exception):
@@ -34,6 +35,24 @@ def project_env() -> dict[str, str]:
     """The running interpreter's bin folder first on PATH, so `dvc` and the stages' `python` are the project's."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), "PYTHONUNBUFFERED": "1"}
+
+
+def push_outputs(repo: Path, stage: str, log: Callable[[str], None], timeout: float = PUSH_TIMEOUT_SECONDS) -> None:
+    """`dvc push STAGE` with a hard timeout and few S3 retries: DVC's defaults hang for minutes on a dead store,
+    while failing fast lets the task's retry resume once the store is back (a retried push sends only what is
+    missing)."""
+    env = {**project_env(), "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS", "2")}
+    try:
+        done = subprocess.run(["dvc", "push", stage], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"dvc push {stage} did not finish within {timeout:.0f}s; is the DVC remote reachable?") \
+            from None
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.strip():
+            log(line)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc push {stage} failed with exit status {done.returncode}; see the log above")
 
 
 def reproduce(repo: Path, stage: str, log: Callable[[str], None]) -> bool:
