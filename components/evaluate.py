@@ -1,4 +1,5 @@
-"""Evaluate: score the fine-tuned classifier and the baselines on the same held-out test split.
+"""Evaluate: score the fine-tuned classifier and the baselines on the same held-out test split, with bootstrap
+intervals, calibration, its worst mistakes, a label-efficiency curve and a model card.
 
     python -m components.evaluate --prepared data/prepared --pretrained models/pretrained \
         --classifier models/classifier --out reports
@@ -6,6 +7,7 @@
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -19,29 +21,90 @@ import torch
 import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support)
 from tokenizers import Tokenizer
 
 from components.atomic import write_bytes_atomic, write_json_atomic
 from components.errors import exit_on_input_error
 from components.finetune import finetune
-from components.inference import load_backbone, load_classifier
+from components.inference import LoadedClassifier, load_backbone, load_classifier
 from components.model import GPT
+from components.model_card import model_card
 from components.params import Params, load_params
 
 ZERO_SHOT_PROMPT = "\nThis text is about"
+ECE_BINS = 15
+MISTAKES = 10
 
 
-def scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
+def bootstrap_intervals(truth: np.ndarray, predicted: np.ndarray, classes: int, samples: int,
+                        seed: int) -> dict[str, list[float]]:
+    """95% percentile intervals of accuracy and macro-F1 over `samples` resamples of the test items (class
+    indices), all resamples' confusion matrices counted at once."""
+    n = len(truth)
+    picks = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    cells = (np.arange(samples)[:, None] * classes + truth[picks]) * classes + predicted[picks]
+    matrices = np.bincount(cells.ravel(), minlength=samples * classes * classes).reshape(samples, classes, classes)
+    hits = np.diagonal(matrices, axis1=1, axis2=2)
+    # F1 = 2 TP / (true count + predicted count); 0 where a class is in neither, as sklearn's zero_division=0.
+    denominators = matrices.sum(axis=2) + matrices.sum(axis=1)
+    f1 = np.divide(2 * hits, denominators, out=np.zeros(hits.shape), where=denominators > 0)
+    return {name: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+            for name, values in (("accuracy", hits.sum(axis=1) / n), ("macro_f1", f1.mean(axis=1)))}
+
+
+def scores(truth: list[str], predicted: list[str], labels: list[str], bootstrap_samples: int = 0,
+           seed: int = 0) -> dict:
     precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
-    return {"accuracy": accuracy_score(truth, predicted),
-            "macro_f1": f1_score(truth, predicted, labels=labels, average="macro", zero_division=0),
-            "per_class": {label: {"precision": p, "recall": r, "f1": f, "support": int(s)}
-                          for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)}}
+    result = {"accuracy": accuracy_score(truth, predicted),
+              "macro_f1": f1_score(truth, predicted, labels=labels, average="macro", zero_division=0),
+              "per_class": {label: {"precision": p, "recall": r, "f1": f, "support": int(s)}
+                            for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)},
+              # rows: true label, columns: predicted label, both in `labels` order
+              "confusion_matrix": confusion_matrix(truth, predicted, labels=labels).tolist()}
+    if bootstrap_samples:
+        index = {label: i for i, label in enumerate(labels)}
+        intervals = bootstrap_intervals(np.array([index[t] for t in truth]), np.array([index[p] for p in predicted]),
+                                        len(labels), bootstrap_samples, seed)
+        result |= {"accuracy_ci95": intervals["accuracy"], "macro_f1_ci95": intervals["macro_f1"]}
+    return result
+
+
+def expected_calibration_error(probs: torch.Tensor, truth: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins by their size."""
+    confidence, predicted = probs.max(dim=-1)
+    correct = (predicted == truth).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
+    which = torch.bucketize(confidence, edges[1:-1], right=True)
+    return sum(abs(correct[which == b].mean() - confidence[which == b].double().mean()).item()
+               * (which == b).sum().item() for b in range(bins) if (which == b).any()) / len(truth)
+
+
+def calibration(logits: torch.Tensor, truth: torch.Tensor, temperature: float) -> dict:
+    before, after = torch.softmax(logits, dim=-1), torch.softmax(logits / temperature, dim=-1)
+    return {"temperature": temperature, "bins": ECE_BINS,
+            "test_ece_before": expected_calibration_error(before, truth),
+            "test_ece_after": expected_calibration_error(after, truth),
+            "test_nll_before": F.cross_entropy(logits, truth).item(),
+            "test_nll_after": F.cross_entropy(logits / temperature, truth).item()}
+
+
+def confident_mistakes(test: pl.DataFrame, probs: torch.Tensor, labels: list[str], top: int = MISTAKES) -> str:
+    """A markdown table of the wrong predictions the model was surest of."""
+    confidence, predicted = probs.max(dim=-1)
+    truth = test["label"].to_list()
+    wrong = [i for i, p in enumerate(predicted.tolist()) if labels[p] != truth[i]]
+    wrong.sort(key=lambda i: -confidence[i].item())
+    lines = ["| confidence | true | predicted | text |", "|---:|---|---|---|"]
+    for i in wrong[:top]:
+        text = " ".join(test["text"][i].split())[:160].replace("|", "\\|")
+        lines.append(f"| {confidence[i].item():.3f} | {truth[i]} | {labels[predicted[i]]} | {text}... |")
+    return "\n".join(lines) + "\n"
 
 
 def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str]:
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if train.height > 200 else 1)
     model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
     model.fit(vectorizer.fit_transform(train["text"].to_list()), train["label"].to_list())
     return model.predict(vectorizer.transform(test["text"].to_list())).tolist()
@@ -68,49 +131,138 @@ def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str]
     return [labels[int(np.argmax(np.array(label_logprobs(e.ids[:text_tokens])) - prior))] for e in encoded]
 
 
-def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5))
-    ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, ax=ax, colorbar=False,
-                                            xticks_rotation=45, cmap="Blues")
-    ax.set_title(title)
-    fig.tight_layout()
+def per_class_sample(train: pl.DataFrame, labels: list[str], count: int, seed: int) -> pl.DataFrame:
+    """Up to `count` rows of each label, chosen by seed; a smaller budget is a subset of a larger one."""
+    return pl.concat([train.filter(pl.col("label") == label).sample(fraction=1.0, shuffle=True, seed=seed).head(count)
+                      for label in labels])
+
+
+class LabelEfficiency:
+    """Fine-tunes pre-trained and scratch models on label budgets and scores them on the test split; each
+    (model, budget) trains once, whether the curve, the scratch baseline or both ask for it."""
+
+    def __init__(self, params: Params, prepared: Path, pretrained: Path, reader: LoadedClassifier,
+                 test: pl.DataFrame):
+        self.params, self.prepared, self.pretrained, self.reader, self.test = params, prepared, pretrained, reader, test
+        self.train = pl.read_parquet(prepared / "train.parquet")
+        self.runs: dict[tuple[str, int | None], dict] = {}
+
+    def score(self, init: str, per_class: int | None) -> dict:
+        """Test scores of `init` (`pretrained` or `scratch`) fine-tuned on `per_class` labels of each class
+        (None: the whole train split, the fine-tune's own recipe, val selection included)."""
+        if (init, per_class) in self.runs:
+            return self.runs[(init, per_class)]
+        params, labels = self.params, self.reader.labels
+        torch.manual_seed(params.seed)
+        backbone = load_backbone(self.pretrained)
+        if init == "scratch":
+            backbone = GPT(backbone.config)
+        train = None if per_class is None else per_class_sample(self.train, labels, per_class, params.seed)
+        epochs = None
+        if train is not None:  # few labels: enough epochs for budget_min_steps, no val labels, the last epoch kept
+            steps_per_epoch = math.ceil(train.height / params.finetune.batch_size)
+            epochs = max(params.finetune.epochs, math.ceil(params.evaluate.budget_min_steps / steps_per_epoch))
+        with tempfile.TemporaryDirectory(prefix=f"gptpipe-{init}-") as work_dir:
+            model, summary = finetune(params, self.prepared, backbone, self.reader.tokenizer, Path(work_dir), train,
+                                      epochs, select_on_val=train is None)
+        reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
+        predicted = [labels[i] for i in reader.predict_logits(self.test["text"].to_list()).argmax(-1).tolist()]
+        result = {"test": scores(self.test["label"].to_list(), predicted, labels, params.evaluate.bootstrap_samples,
+                                 params.seed),
+                  "labels_per_class": per_class, "train_examples": summary["train_examples"],
+                  "epochs": summary["epochs_trained"]}
+        self.runs[(init, per_class)] = result
+        return result
+
+    def curve(self, finetuned: dict) -> list[dict]:
+        rows = []
+        for budget in self.params.evaluate.label_budgets:
+            per_class = None if budget == "all" else budget
+            sample = self.train if per_class is None else per_class_sample(self.train, self.reader.labels, per_class,
+                                                                          self.params.seed)
+            pretrained = finetuned if per_class is None else self.score("pretrained", per_class)["test"]
+            tfidf = scores(self.test["label"].to_list(), tfidf_logreg(sample, self.test, self.params.seed),
+                           self.reader.labels)
+            rows.append({"labels_per_class": per_class, "train_examples": sample.height,
+                         **{name: {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
+                            for name, result in (("pretrained", pretrained),
+                                                 ("scratch", self.score("scratch", per_class)["test"]),
+                                                 ("tfidf_logreg", tfidf))}})
+        return rows
+
+
+def save_figure(fig, path: Path) -> None:
     with tempfile.NamedTemporaryFile(suffix=".png") as staging:
         fig.savefig(staging.name, dpi=110)
         write_bytes_atomic(path, Path(staging.name).read_bytes())
     plt.close(fig)
 
 
+def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5))
+    ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, ax=ax, colorbar=False,
+                                            xticks_rotation=45, cmap="Blues")
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_label_efficiency(rows: list[dict], path: Path) -> None:
+    """Macro-F1 against labels per class (log axis); `all` is drawn at the train split's examples per class."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    classes = max(1, len(rows[0]["pretrained"])) if rows else 1
+    xs = [row["labels_per_class"] or row["train_examples"] / classes for row in rows]
+    for name, style in (("pretrained", "o-"), ("scratch", "s--"), ("tfidf_logreg", "^:")):
+        ax.plot(xs, [row[name]["macro_f1"] for row in rows], style, label=name)
+    ax.set(xscale="log", xlabel="labels per class", ylabel="test macro-F1", ylim=(0, 1.02),
+           title="Label efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: Path, out: Path) -> dict:
+    # setup
     train = pl.read_parquet(prepared / "train.parquet")
     test = pl.read_parquet(prepared / "test.parquet")
     truth = test["label"].to_list()
     classifier = load_classifier(classifier_dir)
     labels = classifier.labels
-    probs = classifier.predict_proba(test["text"].to_list())
+    cfg = params.evaluate
+    # the fine-tuned model
+    logits = classifier.predict_logits(test["text"].to_list())
+    probs = torch.softmax(logits / classifier.temperature, dim=-1)
     predicted = [labels[i] for i in probs.argmax(dim=-1).tolist()]
+    truth_idx = torch.tensor([labels.index(label) for label in truth])
+    finetuned = scores(truth, predicted, labels, cfg.bootstrap_samples, params.seed)
     metrics = {
         "pretrain": json.loads((pretrained / "metrics.json").read_text()),
-        "finetune": {**json.loads((classifier_dir / "metrics.json").read_text()),
-                     "test": scores(truth, predicted, labels)},
+        "finetune": {**json.loads((classifier_dir / "metrics.json").read_text()), "test": finetuned,
+                     "calibration": calibration(logits, truth_idx, classifier.temperature)},
         "baselines": {},
     }
-    baselines = params.evaluate.baselines
-    if "tfidf_logreg" in baselines:
-        metrics["baselines"]["tfidf_logreg"] = {"test": scores(truth, tfidf_logreg(train, test, params.seed), labels)}
-    if "zero_shot" in baselines:
+    # baselines on the same split
+    if "tfidf_logreg" in cfg.baselines:
+        metrics["baselines"]["tfidf_logreg"] = {"test": scores(truth, tfidf_logreg(train, test, params.seed), labels,
+                                                               cfg.bootstrap_samples, params.seed)}
+    if "zero_shot" in cfg.baselines:
         guesses = zero_shot(load_backbone(pretrained), classifier.tokenizer, test["text"].to_list(), labels,
-                            params.evaluate.zero_shot_text_tokens)
-        metrics["baselines"]["zero_shot"] = {"test": scores(truth, guesses, labels)}
-    if "scratch" in baselines:
-        fresh = GPT(load_backbone(pretrained).config)
-        with tempfile.TemporaryDirectory(prefix="gptpipe-scratch-") as work_dir:
-            scratch, _ = finetune(params, prepared, fresh, classifier.tokenizer, Path(work_dir))
-        classifier.model = scratch
-        scratch_probs = classifier.predict_proba(test["text"].to_list())
-        metrics["baselines"]["scratch"] = {"test": scores(truth, [labels[i] for i in scratch_probs.argmax(-1)],
-                                                          labels)}
+                            cfg.zero_shot_text_tokens)
+        metrics["baselines"]["zero_shot"] = {"test": scores(truth, guesses, labels, cfg.bootstrap_samples,
+                                                            params.seed)}
+    runs = LabelEfficiency(params, prepared, pretrained, classifier, test)
+    curve = runs.curve(finetuned)
+    if "scratch" in cfg.baselines:
+        metrics["baselines"]["scratch"] = runs.score("scratch", cfg.scratch_labels_per_class)
+    # reports
     plot_confusion(truth, predicted, labels, out / "confusion_matrix.png",
-                   f"Fine-tuned GPT on {len(truth)} test texts: accuracy {metrics['finetune']['test']['accuracy']:.3f}")
+                   f"Fine-tuned GPT on {len(truth)} test texts: accuracy {finetuned['accuracy']:.3f}")
+    write_json_atomic(out / "label_efficiency.json", curve)
+    plot_label_efficiency(curve, out / "label_efficiency.png")
+    write_bytes_atomic(out / "mistakes.md", confident_mistakes(test, probs, labels).encode())
+    splits = {"train": train.height, "val": pl.read_parquet(prepared / "val.parquet").height, "test": test.height}
+    write_bytes_atomic(out / "model_card.md", model_card(params, metrics, curve, splits, labels).encode())
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
@@ -127,7 +279,12 @@ def main() -> None:
     rows = [("fine-tuned GPT", metrics["finetune"]["test"])]
     rows += [(name, result["test"]) for name, result in metrics["baselines"].items()]
     for name, result in rows:
-        print(f"evaluate: {name:<16} test accuracy {result['accuracy']:.3f}  macro-F1 {result['macro_f1']:.3f}")
+        interval = "  95% CI {:.3f}-{:.3f}".format(*result["accuracy_ci95"]) if "accuracy_ci95" in result else ""
+        print(f"evaluate: {name:<16} test accuracy {result['accuracy']:.3f}{interval}  macro-F1 "
+              f"{result['macro_f1']:.3f}")
+    calibrated = metrics["finetune"]["calibration"]
+    print(f"evaluate: temperature {calibrated['temperature']:.2f}, test ECE {calibrated['test_ece_before']:.3f} -> "
+          f"{calibrated['test_ece_after']:.3f}")
 
 
 if __name__ == "__main__":

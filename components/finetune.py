@@ -1,10 +1,12 @@
-"""Finetune: a classification head on the pre-trained GPT, trained on the labeled train split, best by val.
+"""Finetune: a classification head on the pre-trained GPT, trained on the labeled train split by one of four
+strategies, best epoch by val macro-F1, temperature fitted on val.
 
     python -m components.finetune --prepared data/prepared --pretrained models/pretrained --out models/classifier
 """
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,8 +14,9 @@ from pathlib import Path
 import lightning as L
 import polars as pl
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from safetensors.torch import save_model
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,25 +24,88 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from components.atomic import atomic_dir
 from components.errors import exit_on_input_error
-from components.inference import encode, load_backbone
-from components.model import GPT, Classifier
+from components.inference import encode_chunks, load_backbone
+from components.model import GPT, Classifier, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
 from components.training import make_trainer, warmup_cosine
 
 
+def layer_groups(classifier: Classifier) -> list[list[nn.Parameter]]:
+    """ULMFiT's layer groups, bottom to top: embeddings, each block, then the final norm with the head."""
+    body = classifier.backbone
+    return [[body.tok_emb.weight, body.pos_emb.weight], *(list(block.parameters()) for block in body.blocks),
+            [*body.ln_f.parameters(), *classifier.head.parameters()]]
+
+
+def discriminative_lrs(top_lr: float, groups: int, decay: float) -> list[float]:
+    """Bottom to top: each group's rate is the one above it divided by `decay` (ULMFiT: 2.6)."""
+    return [top_lr / decay ** (groups - 1 - i) for i in range(groups)]
+
+
+def slanted_triangular(step: int, total: int, cut_frac: float, ratio: float) -> float:
+    """Learning-rate multiplier of ULMFiT's slanted triangular schedule (Howard & Ruder 2018, eq. 3): a short
+    linear rise over the first cut_frac of the steps, then a long linear decay, from and to 1/ratio of the peak."""
+    cut = max(1, math.floor(total * cut_frac))
+    p = step / cut if step < cut else 1 - (step - cut) / (cut * (1 / cut_frac - 1))
+    return (1 + max(p, 0.0) * (ratio - 1)) / ratio
+
+
+def unfreeze_top(groups: list[list[nn.Parameter]], count: int) -> None:
+    """Gradual unfreezing: only the top `count` layer groups train."""
+    for i, group in enumerate(groups):
+        for param in group:
+            param.requires_grad_(len(groups) - i <= count)
+
+
+def prepare(classifier: Classifier, cfg: FinetuneParams) -> list[dict]:
+    """Freeze what the strategy keeps fixed (adding LoRA adapters for `lora`); returns the optimizer's groups."""
+    head = list(classifier.head.parameters())
+    if cfg.strategy == "linear_probe":
+        classifier.backbone.requires_grad_(False)
+        return [{"params": head, "lr": cfg.learning_rate}]
+    if cfg.strategy == "lora":
+        classifier.backbone.requires_grad_(False)
+        adapters = add_lora(classifier.backbone, cfg.lora_rank, cfg.lora_alpha)
+        return [{"params": [p for a in adapters for p in (a.lora_a, a.lora_b)] + head, "lr": cfg.learning_rate}]
+    if cfg.strategy == "ulmfit":
+        groups = layer_groups(classifier)
+        unfreeze_top(groups, 1)
+        lrs = discriminative_lrs(cfg.learning_rate, len(groups), cfg.layer_lr_decay)
+        return [{"params": group, "lr": lr} for group, lr in zip(groups, lrs, strict=True)]
+    return [{"params": list(classifier.parameters()), "lr": cfg.learning_rate}]
+
+
+def balanced_weights(targets: torch.Tensor, classes: int) -> torch.Tensor:
+    """sklearn's `balanced`: n / (classes x count), so every class carries the same total weight."""
+    counts = torch.bincount(targets, minlength=classes).float()
+    return counts.sum() / (classes * counts.clamp(min=1))
+
+
 class TextClassifier(L.LightningModule):
-    def __init__(self, classifier: Classifier, cfg: FinetuneParams, total_steps: int):
+    def __init__(self, classifier: Classifier, cfg: FinetuneParams, total_steps: int,
+                 class_weight: torch.Tensor | None = None):
         super().__init__()
-        self.classifier = classifier
         self.cfg = cfg
+        self.classifier = classifier
+        self.groups = prepare(classifier, cfg)
         self.total_steps = total_steps
+        self.register_buffer("class_weight", class_weight, persistent=False)
         classes = classifier.head.out_features
         self.val_f1 = MulticlassF1Score(classes, average="macro")
         self.val_accuracy = MulticlassAccuracy(classes, average="micro")
 
+    def on_train_epoch_start(self) -> None:
+        if self.cfg.strategy == "ulmfit":
+            unfreeze_top(layer_groups(self.classifier), self.current_epoch + 1)
+
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids, mask, labels = batch
-        loss = F.cross_entropy(self.classifier(ids, mask), labels)
+        if self.cfg.aux_lm_weight:
+            logits, lm_loss = self.classifier(ids, mask, lm_loss=True)
+            self.log("lm_loss", lm_loss)
+        else:
+            logits, lm_loss = self.classifier(ids, mask), 0.0
+        loss = F.cross_entropy(logits.float(), labels, weight=self.class_weight) + self.cfg.aux_lm_weight * lm_loss
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -51,52 +117,99 @@ class TextClassifier(L.LightningModule):
         self.log_dict({"val_macro_f1": self.val_f1, "val_accuracy": self.val_accuracy}, prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=self.cfg.learning_rate,
-                                      weight_decay=self.cfg.weight_decay, fused=self.device.type == "cuda")
-        warmup = int(self.cfg.warmup_fraction * self.total_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, self.total_steps, 0.0))
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(self.groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      fused=self.device.type == "cuda")
+        if cfg.strategy == "ulmfit":
+            def multiplier(step: int) -> float:
+                return slanted_triangular(step, self.total_steps, cfg.cut_frac, cfg.stlr_ratio)
+        else:
+            warmup = int(cfg.warmup_fraction * self.total_steps)
+
+            def multiplier(step: int) -> float:
+                return warmup_cosine(step, warmup, self.total_steps, 0.0)
+        # One multiplier for every group keeps the discriminative rates' ratios.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def labeled_loader(frame: pl.DataFrame, tokenizer: Tokenizer, labels: list[str], context: int,
-                   batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    ids, mask = encode(tokenizer, frame["text"].to_list(), context)
-    targets = torch.tensor([labels.index(label) for label in frame["label"].to_list()])
-    return DataLoader(TensorDataset(ids, mask, targets), batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed))
+def labeled_tensors(frame: pl.DataFrame, tokenizer: Tokenizer, labels: list[str], context: int,
+                    max_chunks: int) -> TensorDataset:
+    ids, mask = encode_chunks(tokenizer, frame["text"].to_list(), context, max_chunks)
+    return TensorDataset(ids, mask, torch.tensor([labels.index(label) for label in frame["label"].to_list()]))
+
+
+@torch.no_grad()
+def logits_of(classifier: Classifier, data: TensorDataset, batch_size: int) -> torch.Tensor:
+    classifier.eval()
+    return torch.cat([classifier(ids, mask).float() for ids, mask, _ in DataLoader(data, batch_size=batch_size)])
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature that minimises the NLL of `logits / T` (Guo et al. 2017), searched on a fine log grid
+    from 0.05 to 20: one parameter, so a grid is exact enough and cannot diverge."""
+    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 600, dtype=torch.float64)
+    nll = torch.stack([F.cross_entropy(logits.double() / t, targets) for t in grid])
+    return round(float(grid[nll.argmin()]), 4)
 
 
 def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer, work_dir: Path,
-             train: pl.DataFrame | None = None) -> tuple[Classifier, dict]:
-    """Fine-tune `backbone` (pre-trained, or freshly initialised for the scratch baseline) on `train` (the
-    train split by default); returns the classifier at its best validation macro-F1."""
+             train: pl.DataFrame | None = None, epochs: int | None = None,
+             select_on_val: bool = True) -> tuple[Classifier, dict]:
+    """Fine-tune `backbone` (pre-trained, or freshly initialised for the scratch baseline) on `train` (the train
+    split by default) for `epochs` (finetune.epochs by default). With `select_on_val` it keeps the epoch with the
+    best val macro-F1 and fits the temperature on val; without, it uses no val labels and keeps the last epoch."""
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
     cfg = params.finetune
+    epochs = epochs or cfg.epochs
     labels = json.loads((prepared / "labels.json").read_text())
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
     context = backbone.config.context_length
-    train_loader = labeled_loader(train, tokenizer, labels, context, cfg.batch_size, True, params.seed)
-    val_loader = labeled_loader(pl.read_parquet(prepared / "val.parquet"), tokenizer, labels, context,
-                                cfg.batch_size, False, params.seed)
+    train_data = labeled_tensors(train, tokenizer, labels, context, cfg.max_chunks)
+    train_loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(params.seed))
+    val_data = None
+    if select_on_val:
+        val_data = labeled_tensors(pl.read_parquet(prepared / "val.parquet"), tokenizer, labels, context,
+                                   cfg.max_chunks)
     # build
-    module = TextClassifier(Classifier(backbone, len(labels), cfg.pooling), cfg, cfg.epochs * len(train_loader))
+    weights = balanced_weights(train_data.tensors[2], len(labels)) if cfg.class_weights == "balanced" else None
+    module = TextClassifier(Classifier(backbone, len(labels), cfg.pooling), cfg, epochs * len(train_loader), weights)
     best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_macro_f1", mode="max", save_top_k=1,
                            save_weights_only=True, enable_version_counter=False)
-    trainer = make_trainer(cfg.precision, work_dir, [best], max_epochs=cfg.epochs, log_every_n_steps=5)
+    callbacks = [best] if select_on_val else []
+    if select_on_val and cfg.patience:
+        callbacks.append(EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.patience))
+    trainer = make_trainer(cfg.precision, work_dir, callbacks, max_epochs=epochs, log_every_n_steps=5,
+                           enable_checkpointing=select_on_val)
     # loop and validate
+    val_loader = DataLoader(val_data, batch_size=cfg.batch_size) if select_on_val else None
     trainer.fit(module, train_loader, val_loader)
-    module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
-    return module.classifier, {"val_macro_f1": float(best.best_model_score), "labels": labels,
-                               "train_examples": train.height}
+    summary = {"strategy": cfg.strategy, "labels": labels, "train_examples": train.height,
+               "epochs_trained": trainer.current_epoch}
+    if select_on_val:
+        module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
+        summary["val_macro_f1"] = float(best.best_model_score)
+    classifier = module.classifier.cpu()
+    if cfg.strategy == "lora":
+        merge_lora(classifier.backbone)
+    classifier.requires_grad_(True).eval()
+    if select_on_val:
+        logits, targets = logits_of(classifier, val_data, cfg.batch_size), val_data.tensors[2]
+        summary["temperature"] = fit_temperature(logits, targets)
+        summary["val_nll"] = {"before": F.cross_entropy(logits, targets).item(),
+                              "after": F.cross_entropy(logits / summary["temperature"], targets).item()}
+    return classifier, summary
 
 
-def save_classifier(classifier: Classifier, tokenizer_file: Path, summary: dict, pooling: str, out: Path) -> None:
+def save_classifier(classifier: Classifier, tokenizer_file: Path, summary: dict, cfg: FinetuneParams,
+                    out: Path) -> None:
+    """Weights with the plain GPT keys (adapters merged), how to read a text, the fitted temperature."""
     with atomic_dir(out) as staging:
         save_model(classifier, str(staging / "model.safetensors"))
-        meta = {"gpt": classifier.backbone.config.to_dict(), "labels": summary["labels"], "pooling": pooling,
-                "temperature": 1.0}
+        meta = {"gpt": classifier.backbone.config.to_dict(), "labels": summary["labels"], "pooling": cfg.pooling,
+                "max_chunks": cfg.max_chunks, "temperature": summary.get("temperature", 1.0)}
         (staging / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copy(tokenizer_file, staging / "tokenizer.json")
         (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -114,8 +227,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gptpipe-finetune-") as work_dir:
         classifier, summary = finetune(params, args.prepared, load_backbone(args.pretrained), tokenizer,
                                        Path(work_dir))
-    save_classifier(classifier, args.pretrained / "tokenizer.json", summary, params.finetune.pooling, args.out)
-    print(f"finetune: best val macro-F1 {summary['val_macro_f1']:.3f} on {summary['train_examples']} examples")
+    save_classifier(classifier, args.pretrained / "tokenizer.json", summary, params.finetune, args.out)
+    print(f"finetune: {summary['strategy']}, best val macro-F1 {summary['val_macro_f1']:.3f} on "
+          f"{summary['train_examples']} examples; temperature {summary['temperature']:.2f} "
+          f"(val NLL {summary['val_nll']['before']:.3f} -> {summary['val_nll']['after']:.3f})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Load a fine-tuned classifier folder and turn texts into class probabilities, in batches."""
+"""Load a fine-tuned classifier folder and turn texts into class probabilities, in batches, each text read as up
+to `max_chunks` context windows."""
 
 import json
 from dataclasses import dataclass
@@ -27,6 +28,26 @@ def encode(tokenizer: Tokenizer, texts: list[str], context_length: int) -> tuple
     return batch, mask
 
 
+def encode_chunks(tokenizer: Tokenizer, texts: list[str], context_length: int,
+                  max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, K, T): each text cut into up to `max_chunks` consecutive windows of `context_length` tokens
+    (the rest dropped), K the most any text needs; windows and missing windows right-padded, mask 1 for real tokens."""
+    pad = tokenizer.token_to_id(PADDING)
+    windows = []
+    for encoding in tokenizer.encode_batch_fast(texts):
+        ids = encoding.ids[: context_length * max_chunks] or [pad]
+        windows.append([ids[start : start + context_length] for start in range(0, len(ids), context_length)])
+    chunks = max(len(row) for row in windows)
+    width = max(len(window) for row in windows for window in row)
+    batch = torch.full((len(windows), chunks, width), pad, dtype=torch.long)
+    mask = torch.zeros((len(windows), chunks, width), dtype=torch.long)
+    for row, row_windows in enumerate(windows):
+        for k, window in enumerate(row_windows):
+            batch[row, k, : len(window)] = torch.tensor(window)
+            mask[row, k, : len(window)] = 1
+    return batch, mask
+
+
 def load_weights(module: torch.nn.Module, file: Path) -> None:
     """Load safetensors weights (tied embeddings handled), refusing a file written for another shape."""
     try:
@@ -48,17 +69,22 @@ class LoadedClassifier:
     tokenizer: Tokenizer
     labels: list[str]
     temperature: float
+    max_chunks: int = 1
 
     @torch.no_grad()
-    def predict_proba(self, texts: list[str]) -> torch.Tensor:
-        """Probabilities (N, classes), temperature-scaled."""
+    def predict_logits(self, texts: list[str]) -> torch.Tensor:
+        """Raw logits (N, classes), before temperature scaling."""
         self.model.eval()
         context = self.model.backbone.config.context_length
-        chunks = []
+        batches = []
         for start in range(0, len(texts), PREDICT_BATCH):
-            ids, mask = encode(self.tokenizer, texts[start : start + PREDICT_BATCH], context)
-            chunks.append(torch.softmax(self.model(ids, mask).float() / self.temperature, dim=-1))
-        return torch.cat(chunks) if chunks else torch.empty(0, len(self.labels))
+            ids, mask = encode_chunks(self.tokenizer, texts[start : start + PREDICT_BATCH], context, self.max_chunks)
+            batches.append(self.model(ids, mask).float())
+        return torch.cat(batches) if batches else torch.empty(0, len(self.labels))
+
+    def predict_proba(self, texts: list[str]) -> torch.Tensor:
+        """Probabilities (N, classes), scaled by the temperature fitted on the validation split."""
+        return torch.softmax(self.predict_logits(texts) / self.temperature, dim=-1)
 
 
 def load_classifier(folder: Path) -> LoadedClassifier:
@@ -71,4 +97,4 @@ def load_classifier(folder: Path) -> LoadedClassifier:
                          f"model's {backbone.config.vocab_size}; the folder mixes two trainings")
     model = Classifier(backbone, len(meta["labels"]), meta["pooling"])
     load_weights(model, folder / "model.safetensors")
-    return LoadedClassifier(model, tokenizer, meta["labels"], meta.get("temperature", 1.0))
+    return LoadedClassifier(model, tokenizer, meta["labels"], meta.get("temperature", 1.0), meta.get("max_chunks", 1))

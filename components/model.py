@@ -113,7 +113,10 @@ class GPT(nn.Module):
 
 
 class Classifier(nn.Module):
-    """A pre-trained GPT body with a linear head over pooled token states."""
+    """A pre-trained GPT body with a linear head over pooled token states.
+
+    A text comes as one window (B, T) or as up to K consecutive windows (B, K, T), so that a text longer than the
+    context is read whole; each window is pooled on its own and the windows' vectors are averaged."""
 
     def __init__(self, backbone: GPT, num_classes: int, pooling: str = "mean"):
         super().__init__()
@@ -123,13 +126,77 @@ class Classifier(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids, mask (B, T) 1 for real tokens; returns logits (B, classes)."""
-        states = self.backbone.hidden_states(idx)  # (B, T, C)
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states (N, T, C), mask (N, T) -> (N, C)."""
         if self.pooling == "last":
-            last = mask.sum(dim=1).long() - 1
-            pooled = states[torch.arange(idx.size(0), device=idx.device), last]
-        else:
-            weights = mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        return self.head(pooled)
+            last = mask.sum(dim=1).long().clamp(min=1) - 1
+            return states[torch.arange(states.size(0), device=states.device), last]
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor, lm_loss: bool = False):
+        """idx, mask (B, T) or (B, K, T), mask 1 for real tokens; returns logits (B, classes), and with `lm_loss`
+        also the next-token loss on the same windows (GPT-1's auxiliary objective)."""
+        batch = idx.size(0)
+        flat_idx, flat_mask = idx.reshape(-1, idx.size(-1)), mask.reshape(-1, mask.size(-1))
+        rows = flat_mask.any(dim=1).nonzero().squeeze(1)  # windows holding text; padding windows cost nothing
+        states = self.backbone.hidden_states(flat_idx[rows])  # (N, T, C)
+        pooled = self.pool(states, flat_mask[rows])
+        windows = pooled.new_zeros(flat_idx.size(0), pooled.size(1)).index_copy(0, rows, pooled)
+        windows = windows.view(batch, -1, pooled.size(1))  # (B, K, C)
+        # A mean over windows weighted by their tokens, i.e. the mean over the whole text; `last` weighs them alike.
+        weight = flat_mask.sum(dim=1) if self.pooling == "mean" else flat_mask.any(dim=1)
+        weight = weight.view(batch, -1, 1).to(windows.dtype)
+        logits = self.head((windows * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1))
+        if not lm_loss:
+            return logits
+        targets = flat_idx[rows][:, 1:].masked_fill(flat_mask[rows][:, 1:] == 0, -100)
+        lm_logits = self.backbone.lm_head(states[:, :-1])
+        return logits, F.cross_entropy(lm_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update B A scaled by alpha / rank (Hu et al. 2021); B starts
+    at zero, so training starts from the pre-trained function."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight: the same function, no adapter code."""
+        self.base.weight += (self.lora_b @ self.lora_a).to(self.base.weight.dtype) * self.scale
+        return self.base
+
+
+LORA_TARGETS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "up"), ("mlp", "down"))
+
+
+def add_lora(model: GPT, rank: int, alpha: float) -> list[LoRALinear]:
+    """Wrap every block's attention qkv/proj and MLP up/down in LoRA adapters; returns the adapters."""
+    adapters = []
+    for block in model.blocks:
+        for part, name in LORA_TARGETS:
+            parent = getattr(block, part)
+            adapter = LoRALinear(getattr(parent, name), rank, alpha)
+            setattr(parent, name, adapter)
+            adapters.append(adapter)
+    return adapters
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its base weight, so the state_dict has the plain GPT keys again."""
+    for block in model.blocks:
+        for part, name in LORA_TARGETS:
+            parent = getattr(block, part)
+            if isinstance(getattr(parent, name), LoRALinear):
+                setattr(parent, name, getattr(parent, name).merged())
+    return model

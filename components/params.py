@@ -115,21 +115,62 @@ class FinetuneParams(Section):
         "pretrain", pattern=r"^(pretrain|registry:[A-Za-z0-9][A-Za-z0-9_.-]*([@:][A-Za-z0-9_.-]+)?)$",
         description="`pretrain` (this pipeline's pre-training) or a registered foundation model, "
         "`registry:NAME@ALIAS` or `registry:NAME:VERSION`, which the pretrain stage then fetches instead of training.")
-    epochs: int = Field(3, ge=1)
+    strategy: Literal["full", "linear_probe", "ulmfit", "lora"] = Field(
+        "full", description="`full` trains every weight; `linear_probe` only the head; `ulmfit` discriminative "
+        "learning rates, slanted triangular schedule and gradual unfreezing (Howard & Ruder 2018); `lora` low-rank "
+        "adapters on the attention and MLP layers, merged into the weights at export.")
+    epochs: int = Field(3, ge=1, description="Passes over the train split (`ulmfit` unfreezes one more layer group "
+                        "per epoch: n_layer + 2 epochs reach the embeddings).")
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(3e-4, gt=0)
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (the top layer group's for `ulmfit`).")
     weight_decay: float = Field(0.01, ge=0)
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Linear warmup before the cosine decay "
+                                   "(`full`, `linear_probe`, `lora`).")
+    layer_lr_decay: float = Field(2.6, ge=1, description="`ulmfit`: each lower layer group's rate is the one above "
+                                  "divided by this.")
+    cut_frac: float = Field(0.1, gt=0, lt=1, description="`ulmfit`: share of steps spent raising the rate.")
+    stlr_ratio: float = Field(32, ge=1, description="`ulmfit`: how much smaller the lowest rate is than the peak.")
+    lora_rank: int = Field(8, ge=1, description="`lora`: rank of each adapter.")
+    lora_alpha: float = Field(16, gt=0, description="`lora`: the update is scaled by lora_alpha / lora_rank.")
     pooling: Literal["mean", "last"] = Field("mean", description="How token states become one text vector.")
+    max_chunks: int = Field(1, ge=1, description="Read up to this many consecutive context windows of each text and "
+                            "average them; 1 reads only its first window. Cost grows with it.")
+    aux_lm_weight: float = Field(0.0, ge=0, description="Weight of the next-token loss added to the classification "
+                                 "loss (GPT-1 used 0.5); 0 turns it off.")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="`balanced` weighs each class's loss by n / (classes x its count), for skewed labels.")
+    patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better val "
+                                 "macro-F1; null trains every epoch. The best epoch is kept either way.")
     precision: Precision = Field("auto", description=PRECISION_HELP)
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> "FinetuneParams":
+        if self.strategy == "linear_probe" and self.aux_lm_weight:
+            raise ValueError("finetune.aux_lm_weight trains nothing with strategy linear_probe (the body is frozen); "
+                             "set it to 0 or pick another strategy")
+        return self
+
+
+LabelBudget = int | Literal["all"]
 
 
 class EvaluateParams(Section):
     baselines: list[Literal["tfidf_logreg", "zero_shot", "scratch"]] = Field(
-        default_factory=lambda: ["tfidf_logreg", "zero_shot"],
-        description="Baselines scored on the same test split; `scratch` costs one more fine-tune.",
+        default_factory=lambda: ["tfidf_logreg", "zero_shot", "scratch"],
+        description="Baselines scored on the same test split; `scratch` is the same model and fine-tuning recipe "
+        "without pre-training.",
     )
+    scratch_labels_per_class: int | None = Field(
+        50, ge=1, description="Labels per class the `scratch` baseline trains on (reusing that label-efficiency run); "
+        "null trains it on the whole train split like the fine-tune, which costs one more full fine-tune.")
     zero_shot_text_tokens: int = Field(128, ge=1, description="Tokens of each text shown in the zero-shot prompt.")
+    label_budgets: list[LabelBudget] = Field(
+        default_factory=lambda: [10, 50],
+        description="Labels per class for the label-efficiency curve, pre-trained vs scratch; `all` reuses the "
+        "fine-tune and adds a full scratch fine-tune. [] skips the curve.")
+    budget_min_steps: int = Field(30, ge=1, description="A label-budget fine-tune runs more epochs when needed to "
+                                  "take at least this many optimizer steps.")
+    bootstrap_samples: int = Field(1000, ge=10, description="Resamples of the test split for 95% intervals.")
 
 
 class RegistryParams(Section):

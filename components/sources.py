@@ -230,9 +230,9 @@ def decodable_lines(path: Path, block: bytes, first_line: int, undecodable: str,
     return b"".join(kept)
 
 
-def line_blocks(path: Path, size: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """(first line number, bytes) blocks of about `size` bytes, cut after a newline."""
-    line = 1
+def line_blocks(path: Path, size: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(first line number, bytes) blocks of about `size` (default BLOCK_BYTES) bytes, cut after a newline."""
+    line, size = 1, size or BLOCK_BYTES
     with path.open("rb") as file:
         rest = b""
         while chunk := file.read(size):

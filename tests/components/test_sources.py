@@ -1,0 +1,96 @@
+import subprocess
+import sys
+from collections import Counter
+
+import boto3
+import polars as pl
+import pytest
+import yaml
+
+from components import sources
+from components.errors import InputError
+from components.ingest import ingest
+from components.params import Params
+from components.sources import read_labeled, read_unlabeled, unlabeled_batches
+from tests.conftest import support_tickets
+
+
+def test_labeled_csv_from_s3(tmp_path, bucket):
+    path = tmp_path / "tickets.csv"
+    pl.DataFrame(support_tickets()).rename({"text": "body", "label": "queue"}).write_csv(path)
+    boto3.client("s3").upload_file(str(path), bucket, "exports/tickets.csv")
+    params = Params.model_validate({"data": {"labeled": {"path": f"s3://{bucket}/exports/tickets.csv",
+                                                         "text_column": "body", "label_column": "queue"}}})
+    splits, report = ingest(params)
+    assert report["kept"] == 120 and set(splits["test"]["label"]) == {"auth", "billing", "bug"}
+
+
+def test_missing_s3_key_is_an_input_error(bucket):
+    with pytest.raises(InputError, match=f"s3://{bucket}/nope.csv: no such S3 object or prefix"):
+        read_labeled(f"s3://{bucket}/nope.csv", "text", "label")
+    with pytest.raises(InputError, match="s3://no-such-bucket-here/x.csv: cannot read from S3"):
+        list(read_unlabeled("s3://no-such-bucket-here/x.csv", "text"))
+
+
+def test_missing_s3_key_exits_2_with_one_line(tmp_path, bucket):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"labeled": {"path": f"s3://{bucket}/gone.csv"}}}))
+    done = subprocess.run([sys.executable, "-m", "components.ingest"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"s3://{bucket}/gone.csv" in done.stderr and not (tmp_path / "data").exists()
+
+
+def test_unlabeled_prefix_from_s3_streams_each_object(bucket):
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"first text")
+    client.put_object(Bucket=bucket, Key="corpus/b.jsonl", Body=b'{"body": "second"}\n{"body": "third"}\n')
+    assert list(read_unlabeled(f"s3://{bucket}/corpus", "body")) == ["first text", "second", "third"]
+
+
+def test_big_txt_file_streams_in_pieces_cut_at_line_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "WHOLE_TXT_BYTES", 1000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(sources, "TXT_TEXT_BYTES", 300)
+    lines = [f"line {i} of a long corpus file\n" for i in range(2000)]
+    path = tmp_path / "big.txt"
+    path.write_text("".join(lines))
+    batches = list(unlabeled_batches(str(path), "text"))
+    texts = [text for batch in batches for text in batch]
+    assert len(batches) > 5 and "".join(texts) == path.read_text()
+    assert all(text.endswith("\n") for text in texts) and max(map(len, texts)) < 400
+
+
+def test_tables_stream_in_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BATCH_ROWS", 100)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    frame = pl.DataFrame({"text": [f"text number {i}" for i in range(1000)], "n": range(1000)})
+    for suffix in ("csv", "jsonl", "parquet"):
+        path = tmp_path / f"corpus.{suffix}"
+        {"csv": frame.write_csv, "jsonl": frame.write_ndjson, "parquet": frame.write_parquet}[suffix](path)
+        batches = list(unlabeled_batches(str(path), "text"))
+        assert len(batches) >= 5, suffix
+        assert [t for b in batches for t in b] == frame["text"].to_list(), suffix
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "txt"])
+def test_unlabeled_undecodable_fails_or_is_skipped_and_counted(tmp_path, suffix):
+    path = tmp_path / f"corpus.{suffix}"
+    good = {"jsonl": b'{"text": "fine"}\n', "csv": b"text\nfine\n", "txt": b"fine\n"}[suffix]
+    bad = {"jsonl": b'{"text": "bro\xffken"}\n', "csv": b"bro\xffken\n", "txt": b"bro\xffken\n"}[suffix]
+    path.write_bytes(good + bad + good)
+    line = 2 if suffix != "csv" else 3
+    with pytest.raises(InputError, match=f"{path}: line {line} is not UTF-8"):
+        list(read_unlabeled(str(path), "text"))
+    counts = Counter()
+    texts = list(read_unlabeled(str(path), "text", "skip", counts))
+    assert counts["undecodable"] == 1 and not any("\ufffd" in text or "bro" in text for text in texts)
+
+
+def test_unlabeled_missing_column_and_file(tmp_path):
+    path = tmp_path / "corpus.csv"
+    path.write_text("body\nhello\n")
+    with pytest.raises(InputError, match=f"{path}: column 'text' not found"):
+        list(read_unlabeled(str(path), "text"))
+    with pytest.raises(InputError, match="pattern matches no file"):
+        list(read_unlabeled(str(tmp_path / "*.jsonl"), "text"))
+    with pytest.raises(InputError, match="gone.txt: file not found"):
+        list(read_unlabeled(str(tmp_path / "gone.txt"), "text"))

@@ -1,0 +1,100 @@
+import hashlib
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from tokenizers import Tokenizer
+
+from components.ingest import ingest, write_splits
+from components.params import Params
+from components.pretrain import RandomWindows
+from components.tokenize import END_OF_TEXT, PADDING, token_dtype, tokenize
+from tests.conftest import support_tickets
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    path = tmp_path / "tickets.csv"
+    pl.DataFrame(support_tickets()).write_csv(path)
+    params = {"data": {"labeled": {"path": str(path)}}}
+    splits, report = ingest(Params.model_validate(params))
+    write_splits(splits, report, tmp_path / "prepared")
+    return tmp_path, splits
+
+
+def run_tokenize(tmp_path, unlabeled: list[str], **tokenizer) -> tuple[dict, Tokenizer]:
+    params = Params.model_validate({"data": {"unlabeled": {"paths": unlabeled}},
+                                    "tokenizer": {"vocab_size": 320, **tokenizer}})
+    manifest = tokenize(params, tmp_path / "prepared", tmp_path / "tokens")
+    return manifest, Tokenizer.from_file(str(tmp_path / "tokens/tokenizer.json"))
+
+
+def read_ids(folder, entry) -> np.ndarray:
+    return np.concatenate([np.fromfile(folder / s["file"], dtype=entry["dtype"]) for s in entry["shards"]])
+
+
+def test_special_tokens_and_dtype():
+    assert token_dtype(4096) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(200_000) == np.uint32
+    assert Params.model_validate({"tokenizer": {"vocab_size": 100_000}}).tokenizer.vocab_size == 100_000
+
+
+def test_test_and_val_texts_never_enter_the_pretraining_stream(prepared):
+    tmp_path, splits = prepared
+    held = splits["test"]["text"].to_list()[:5] + splits["val"]["text"].to_list()[:2]
+    # The same texts, some with other spacing, among genuinely new unlabeled texts and a blank one.
+    copies = ["  " + text.replace(" ", "\n ") for text in held[:4]] + held[4:]
+    new = [f"unlabeled note {i} about a refund and a login" for i in range(30)]
+    pl.DataFrame({"text": copies + new + ["   "]}).write_ndjson(tmp_path / "extra.jsonl")
+    (tmp_path / "note.txt").write_text("Cafe\u0301 au lait, " + held[0])  # contains a test text, is not one
+    manifest, tokenizer = run_tokenize(tmp_path, [str(tmp_path / "extra.jsonl"), str(tmp_path / "note.txt")])
+    assert tokenizer.token_to_id(END_OF_TEXT) == 0 and tokenizer.token_to_id(PADDING) == 1
+    assert manifest["corpus"]["unlabeled_dropped"] == {"blank": 1, "leakage": 7, "undecodable": 0}
+    assert manifest["corpus"]["unlabeled_texts"] == 31
+    assert manifest["corpus"]["train_texts"] == splits["train"].height
+    ids = read_ids(tmp_path / "tokens", manifest["train"])
+    texts = tokenizer.decode(ids.tolist(), skip_special_tokens=False).split(END_OF_TEXT)
+    assert texts[-1] == "" and len(texts) - 1 == splits["train"].height + 31
+    assert set(texts) & set(splits["train"]["text"]) == set(splits["train"]["text"])
+    for text in splits["test"]["text"].to_list() + splits["val"]["text"].to_list():
+        assert text not in texts
+
+
+def test_shards_add_up_and_hash_the_whole_stream(prepared):
+    tmp_path, _ = prepared
+    manifest, _ = run_tokenize(tmp_path, [], shard_tokens=1024)
+    train = manifest["train"]
+    assert manifest["vocab_size"] == 320 and train["dtype"] == "uint16" and len(train["shards"]) > 1
+    assert all(s["tokens"] == 1024 for s in train["shards"][:-1]) and 0 < train["shards"][-1]["tokens"] <= 1024
+    assert sum(s["tokens"] for s in train["shards"]) == train["tokens"]
+    ids = read_ids(tmp_path / "tokens", train)
+    assert len(ids) == train["tokens"] and hashlib.sha256(ids.tobytes()).hexdigest() == train["sha256"]
+    for shard in train["shards"]:
+        data = (tmp_path / "tokens" / shard["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+    saved = json.loads((tmp_path / "tokens/manifest.json").read_text())
+    assert saved == manifest and saved["val"]["tokens"] > 0
+    again, _ = run_tokenize(tmp_path, [], shard_tokens=1024)
+    assert again["train"]["sha256"] == train["sha256"]  # deterministic
+
+
+def test_windows_from_shards_never_cross_a_shard_end(tmp_path):
+    # Each shard holds consecutive ids that restart at its own base, so a crossing window would break x + 1 == y.
+    paths = []
+    for index, size in enumerate([50, 3000, 9, 700]):
+        paths.append(tmp_path / f"train-{index:05d}.bin")
+        (np.arange(size, dtype=np.uint16) + 10_000 * index).tofile(paths[-1])
+    windows = list(RandomWindows(paths, "uint16", 16, 32, seed=3, num_batches=40))
+    again = list(RandomWindows(paths, "uint16", 16, 32, seed=3, first_batch=20, num_batches=20))
+    shards_seen = set()
+    for x, y in windows:
+        assert x.shape == (32, 16) and (y == x + 1).all()
+        shards_seen |= set((x[:, 0] // 10_000).tolist())
+    assert shards_seen == {0, 1, 3}  # the 9-token shard holds no 17-token window
+    for (a, _), (b, _) in zip(windows[20:], again, strict=True):
+        assert (a == b).all()
+    # A single file, as before sharding, gives the same batches as a one-shard list.
+    single = list(RandomWindows(paths[1], "uint16", 16, 32, seed=3, num_batches=3))
+    listed = list(RandomWindows([paths[1]], "uint16", 16, 32, seed=3, num_batches=3))
+    assert all((a == b).all() for (a, _), (b, _) in zip(single, listed, strict=True))
