@@ -21,8 +21,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support)
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 from tokenizers import Tokenizer
 
 from components.atomic import write_bytes_atomic, write_json_atomic
@@ -104,7 +109,7 @@ def confident_mistakes(test: pl.DataFrame, probs: torch.Tensor, labels: list[str
 
 
 def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str]:
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if train.height > 200 else 1)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
     model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
     model.fit(vectorizer.fit_transform(train["text"].to_list()), train["label"].to_list())
     return model.predict(vectorizer.transform(test["text"].to_list())).tolist()
@@ -207,10 +212,9 @@ def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], pa
     save_figure(fig, path)
 
 
-def plot_label_efficiency(rows: list[dict], path: Path) -> None:
-    """Macro-F1 against labels per class (log axis); `all` is drawn at the train split's examples per class."""
+def plot_label_efficiency(rows: list[dict], classes: int, path: Path) -> None:
+    """Macro-F1 against labels per class (log axis); `all` is drawn at the train split's mean examples per class."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    classes = max(1, len(rows[0]["pretrained"])) if rows else 1
     xs = [row["labels_per_class"] or row["train_examples"] / classes for row in rows]
     for name, style in (("pretrained", "o-"), ("scratch", "s--"), ("tfidf_logreg", "^:")):
         ax.plot(xs, [row[name]["macro_f1"] for row in rows], style, label=name)
@@ -259,7 +263,7 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
     plot_confusion(truth, predicted, labels, out / "confusion_matrix.png",
                    f"Fine-tuned GPT on {len(truth)} test texts: accuracy {finetuned['accuracy']:.3f}")
     write_json_atomic(out / "label_efficiency.json", curve)
-    plot_label_efficiency(curve, out / "label_efficiency.png")
+    plot_label_efficiency(curve, len(labels), out / "label_efficiency.png")
     write_bytes_atomic(out / "mistakes.md", confident_mistakes(test, probs, labels).encode())
     splits = {"train": train.height, "val": pl.read_parquet(prepared / "val.parquet").height, "test": test.height}
     write_bytes_atomic(out / "model_card.md", model_card(params, metrics, curve, splits, labels).encode())
@@ -277,10 +281,11 @@ def main() -> None:
     args = parser.parse_args()
     metrics = evaluate(load_params(args.params), args.prepared, args.pretrained, args.classifier, args.out)
     rows = [("fine-tuned GPT", metrics["finetune"]["test"])]
-    rows += [(name, result["test"]) for name, result in metrics["baselines"].items()]
+    rows += [(f"{name} ({result['labels_per_class']}/class)" if result.get("labels_per_class") else name,
+              result["test"]) for name, result in metrics["baselines"].items()]
     for name, result in rows:
         interval = "  95% CI {:.3f}-{:.3f}".format(*result["accuracy_ci95"]) if "accuracy_ci95" in result else ""
-        print(f"evaluate: {name:<16} test accuracy {result['accuracy']:.3f}{interval}  macro-F1 "
+        print(f"evaluate: {name:<22} test accuracy {result['accuracy']:.3f}{interval}  macro-F1 "
               f"{result['macro_f1']:.3f}")
     calibrated = metrics["finetune"]["calibration"]
     print(f"evaluate: temperature {calibrated['temperature']:.2f}, test ECE {calibrated['test_ece_before']:.3f} -> "

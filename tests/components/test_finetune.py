@@ -1,0 +1,228 @@
+"""Fine-tuning strategies on a tiny real model: which tensors train and which stay frozen, schedules, LoRA merge,
+chunked reading, temperature fitting and the classifier folder."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_model
+from sklearn.utils.class_weight import compute_class_weight
+from tokenizers import Tokenizer
+
+from components.finetune import (
+    TextClassifier,
+    balanced_weights,
+    finetune,
+    fit_temperature,
+    layer_groups,
+    save_classifier,
+    slanted_triangular,
+)
+from components.inference import encode_chunks, load_backbone, load_classifier
+from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
+from components.params import Params
+from components.tokenize import train_tokenizer
+from tests.conftest import TINY_PARAMS, support_tickets
+
+TINY = GPTConfig(vocab_size=320, context_length=32, n_layer=2, n_head=2, d_model=16)
+
+
+def make_workspace(root: Path) -> tuple[Path, Path]:
+    """data/prepared (train/val/test, labels.json) from the synthetic tickets and models/pretrained (a freshly
+    initialised tiny GPT, its config, tokenizer and metrics), laid out as the stages write them."""
+    rows = support_tickets(rows_per_label=30)
+    random.Random(0).shuffle(rows)
+    prepared, pretrained = root / "prepared", root / "pretrained"
+    prepared.mkdir(parents=True)
+    pretrained.mkdir(parents=True)
+    for name, part in (("train", rows[:54]), ("val", rows[54:72]), ("test", rows[72:])):
+        pl.DataFrame(part).write_parquet(prepared / f"{name}.parquet")
+    (prepared / "labels.json").write_text(json.dumps(sorted({row["label"] for row in rows})))
+    tokenizer = train_tokenizer((row["text"] for row in rows[:54]), TINY.vocab_size, 2)
+    tokenizer.save(str(pretrained / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    save_model(model, str(pretrained / "model.safetensors"))
+    (pretrained / "config.json").write_text(json.dumps(TINY.to_dict()))
+    (pretrained / "metrics.json").write_text(json.dumps({"val_perplexity": 300.0, "tokens_per_second": 1.0,
+                                                         "n_params": model.num_params(non_embedding=False)}))
+    return prepared, pretrained
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> tuple[Path, Path]:
+    return make_workspace(tmp_path_factory.mktemp("workspace"))
+
+
+def tiny_params(**finetune) -> Params:
+    return Params.model_validate({**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], **finetune}})
+
+
+def run(workspace, tmp_path, epochs: int | None = None, select_on_val: bool = True, **finetune_options):
+    prepared, pretrained = workspace
+    backbone = load_backbone(pretrained)
+    before = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
+    tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
+    classifier, summary = finetune(tiny_params(**finetune_options), prepared, backbone, tokenizer, tmp_path,
+                                   epochs=epochs, select_on_val=select_on_val)
+    after = {name.removeprefix("backbone."): tensor for name, tensor in classifier.state_dict().items()}
+    changed = {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
+    return classifier, summary, before, changed
+
+
+def test_full_trains_every_tensor(workspace, tmp_path):
+    classifier, _, before, changed = run(workspace, tmp_path, strategy="full", learning_rate=1e-2)
+    assert changed == set(before)
+    assert not torch.equal(classifier.head.bias, torch.zeros_like(classifier.head.bias))
+
+
+def test_linear_probe_trains_only_the_head(workspace, tmp_path):
+    classifier, _, _, changed = run(workspace, tmp_path, strategy="linear_probe", learning_rate=1e-2)
+    assert changed == set()
+    assert not torch.equal(classifier.head.bias, torch.zeros_like(classifier.head.bias))
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 4])
+def test_ulmfit_unfreezes_one_layer_group_per_epoch(workspace, tmp_path, epochs):
+    # groups bottom to top: embeddings, block 0, block 1, final norm + head; the last epoch is kept
+    _, _, before, changed = run(workspace, tmp_path, epochs=epochs, select_on_val=False, strategy="ulmfit",
+                                learning_rate=1e-2)
+    groups = [{"tok_emb", "pos_emb"}, {"blocks.0"}, {"blocks.1"}, {"ln_f"}]
+    for distance, prefixes in enumerate(reversed(groups)):
+        names = {name for name in before if name.startswith(tuple(prefixes))}
+        assert (names <= changed) if distance < epochs else not (names & changed), (distance, names & changed)
+
+
+def test_slanted_triangular_follows_howard_and_ruder():
+    total, cut_frac, ratio = 200, 0.1, 32
+    cut = math.floor(total * cut_frac)
+    for step in range(total):
+        p = step / cut if step < cut else 1 - (step - cut) / (cut * (1 / cut_frac - 1))
+        assert slanted_triangular(step, total, cut_frac, ratio) == pytest.approx((1 + p * (ratio - 1)) / ratio)
+    assert slanted_triangular(0, total, cut_frac, ratio) == pytest.approx(1 / 32)
+    assert slanted_triangular(cut, total, cut_frac, ratio) == pytest.approx(1.0)
+    assert slanted_triangular(total, total, cut_frac, ratio) == pytest.approx(1 / 32)
+
+
+def test_ulmfit_rates_fall_by_2_6_per_layer_group_and_follow_the_schedule():
+    params = tiny_params(strategy="ulmfit", learning_rate=1e-2)
+    module = TextClassifier(Classifier(GPT(TINY), 3), params.finetune, total_steps=50)
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert len(optimizer.param_groups) == len(layer_groups(module.classifier)) == TINY.n_layer + 2
+    for step in range(12):
+        rates = [group["lr"] for group in optimizer.param_groups]
+        multiplier = slanted_triangular(step, 50, 0.1, 32)
+        assert rates[-1] == pytest.approx(1e-2 * multiplier)
+        assert all(upper / lower == pytest.approx(2.6) for lower, upper in zip(rates, rates[1:], strict=False))
+        optimizer.step()
+        schedule.step()
+
+
+def test_lora_trains_low_rank_updates_and_exports_plain_weights(workspace, tmp_path):
+    classifier, summary, before, changed = run(workspace, tmp_path, strategy="lora", lora_rank=2, lora_alpha=4,
+                                               learning_rate=1e-2)
+    adapted = {f"blocks.{i}.{part}.{name}.weight" for i in range(TINY.n_layer)
+               for part, name in (("attn", "qkv"), ("attn", "proj"), ("mlp", "up"), ("mlp", "down"))}
+    assert changed == adapted  # embeddings, norms and every bias stayed frozen
+    weights = classifier.backbone.state_dict()
+    for name in adapted:
+        assert torch.linalg.matrix_rank(weights[name] - before[name]) <= 2
+    assert set(classifier.state_dict()) == set(Classifier(GPT(TINY), 3).state_dict())
+
+    out = tmp_path / "classifier"
+    save_classifier(classifier, workspace[1] / "tokenizer.json", summary, tiny_params().finetune, out)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "classifier.json", "tokenizer.json",
+                                              "metrics.json"}
+    assert not any("lora" in key for key in load_file(out / "model.safetensors"))
+    loaded = load_classifier(out)
+    meta = json.loads((out / "classifier.json").read_text())
+    assert loaded.temperature == meta["temperature"] == summary["temperature"]
+    texts = pl.read_parquet(workspace[0] / "test.parquet")["text"].to_list()[:5]
+    ids, mask = encode_chunks(loaded.tokenizer, texts, TINY.context_length, meta["max_chunks"])
+    with torch.no_grad():
+        expected = torch.softmax(classifier(ids, mask) / summary["temperature"], dim=-1)
+    assert torch.allclose(loaded.predict_proba(texts), expected, atol=1e-5)
+
+
+def test_lora_merge_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    adapters = add_lora(model, rank=4, alpha=8)
+    for adapter in adapters:
+        torch.nn.init.normal_(adapter.lora_b, std=0.05)
+    idx = torch.randint(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+        with_adapters = model(idx)
+        merged = merge_lora(model)(idx)
+    assert not any("lora" in name for name in model.state_dict())
+    assert torch.allclose(with_adapters, merged, atol=1e-5)
+
+
+def test_long_texts_are_read_in_windows():
+    torch.manual_seed(0)
+    classifier = Classifier(GPT(TINY), 3).eval()
+    ids = torch.randint(0, TINY.vocab_size, (1, 2, TINY.context_length))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        states = torch.cat([classifier.backbone.hidden_states(ids[:, k]) for k in range(2)], dim=1)
+        assert torch.allclose(classifier(ids, mask), classifier.head(states.mean(dim=1)), atol=1e-5)
+        # a one-window text batched beside a two-window one: its padding window changes nothing
+        short = torch.zeros_like(ids)
+        short[0, 0, :5] = ids[0, 0, :5]
+        short_mask = torch.zeros_like(mask)
+        short_mask[0, 0, :5] = 1
+        both = classifier(torch.cat([ids, short]), torch.cat([mask, short_mask]))
+        assert torch.allclose(both[1], classifier(ids[:, 0, :5], mask[:, 0, :5])[0], atol=1e-5)
+
+
+def test_chunk_encoding_covers_the_text_up_to_max_chunks(workspace):
+    tokenizer = Tokenizer.from_file(str(workspace[1] / "tokenizer.json"))
+    text = " ".join(["refund invoice payment"] * 40)
+    total = len(tokenizer.encode(text).ids)
+    ids, mask = encode_chunks(tokenizer, [text, "hi"], 32, max_chunks=3)
+    assert total > 96
+    assert ids.shape == (2, 3, 32) and mask[0].sum() == 96 and mask[1].sum() == len(tokenizer.encode("hi").ids)
+    assert ids[0][mask[0].bool()].tolist() == tokenizer.encode(text).ids[:96]
+
+
+def test_auxiliary_loss_is_the_next_token_loss():
+    torch.manual_seed(0)
+    classifier = Classifier(GPT(TINY), 3).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        _, lm_loss = classifier(idx, torch.ones_like(idx), lm_loss=True)
+        expected = F.cross_entropy(classifier.backbone(idx)[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+    assert lm_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_aux_lm_and_balanced_weights_train(workspace, tmp_path):
+    _, summary, before, changed = run(workspace, tmp_path, aux_lm_weight=0.5, class_weights="balanced",
+                                      max_chunks=2)
+    assert changed == set(before) and summary["val_macro_f1"] >= 0
+    targets = torch.tensor([0, 0, 0, 1, 2, 2])
+    expected = compute_class_weight("balanced", classes=[0, 1, 2], y=targets.numpy())
+    assert torch.allclose(balanced_weights(targets, 3), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_early_stopping_ends_when_val_macro_f1_stops_improving(workspace, tmp_path):
+    _, summary, _, _ = run(workspace, tmp_path, epochs=6, learning_rate=1e-9, patience=1)
+    assert summary["epochs_trained"] == 2
+
+
+def test_temperature_fitted_on_overconfident_logits_lowers_nll():
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 4, (400,), generator=generator)
+    right = torch.rand(400, generator=generator) < 0.7
+    predicted = torch.where(right, truth, (truth + 1) % 4)
+    logits = 8.0 * F.one_hot(predicted, 4).float() + 0.1 * torch.randn(400, 4, generator=generator)
+    temperature = fit_temperature(logits, truth)
+    assert temperature > 2
+    assert F.cross_entropy(logits / temperature, truth) < F.cross_entropy(logits, truth)
+    # at the fitted temperature the confidence is near the 70% accuracy
+    assert torch.softmax(logits / temperature, dim=-1).max(dim=-1).values.mean() == pytest.approx(0.7, abs=0.05)
