@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from components.params import PARAMS_FILE, Params, load_params
@@ -31,10 +32,10 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage}", retries=1, retry_condition_fn=_retry_unless_bad_input)
-def run_stage(repo: Path, stage: str) -> bool:
+def run_stage(repo: Path, stage: str, pull: bool = False) -> bool:
     """Reproduce one stage; a retry after a crash resumes training from its last checkpoint."""
     logger = get_run_logger()
-    ran = reproduce(repo, stage, logger.info)
+    ran = reproduce(repo, stage, logger.info, pull=pull)
     logger.info(f"stage {stage}: {'ran' if ran else 'up to date, skipped'}")
     return ran
 
@@ -76,22 +77,47 @@ def checkout_params() -> Params:
 CHECKOUT_PARAMS = checkout_params()
 
 
+@flow(name="stage", persist_result=True)
+def stage(stage: str, repo: str = ".", push: bool = False) -> bool:
+    """One dvc.yaml stage on whichever worker takes it: retrain sends its training stages here through a
+    deployment on the `gpu` pool. With `push`, inputs missing on this worker are pulled from the DVC remote
+    and the outputs pushed back, so workers share results instead of recomputing them."""
+    root = Path(repo).resolve()
+    ran = run_stage(root, stage, pull=push)
+    if push:
+        push_stage(root, stage)
+    return ran
+
+
+def run_training_stage(deployment: str, name: str, push: bool) -> bool:
+    """Run a training stage as a subflow on another work pool; the child works in its worker's checkout."""
+    child = run_deployment(deployment, parameters={"stage": name, "push": push}, poll_interval=2)
+    if not child.state or not child.state.is_completed():
+        raise RuntimeError(f"stage {name} on {deployment} ended {child.state.type if child.state else 'unknown'}")
+    return child.state.result()
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False) -> dict:
+def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False,
+            training_deployment: str | None = None) -> dict:
     """Run the dvc.yaml stages (unchanged ones are skipped) and register the classifier. The run's params are
     written to params.yaml first, so that dvc.lock records exactly what ran; with `push`, every stage's
-    outputs go to the DVC remote as soon as the stage ends."""
+    outputs go to the DVC remote as soon as the stage ends; with `training_deployment` (e.g. `stage/gpu`),
+    pre-training and fine-tuning run as subflows of that deployment, on its work pool."""
     root = Path(repo).resolve()
     logger = get_run_logger()
     if write_params(root / PARAMS_FILE, params):
         logger.info("params.yaml updated with this run's params")
     ran = {}
-    for stage in stage_order(root):
-        ran[stage] = run_stage.with_options(tags={"training"} if stage in TRAINING_STAGES else set())(root, stage)
+    for name in stage_order(root):
+        if training_deployment and name in TRAINING_STAGES:
+            ran[name] = run_training_stage(training_deployment, name, push)
+            continue
+        ran[name] = run_stage.with_options(tags={"training"} if name in TRAINING_STAGES else set())(root, name)
         if push:
-            push_stage(root, stage)
+            push_stage(root, name)
     registered = register_model(params, root)
     publish_artifacts(root, registered)
     logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")
-    return {"stages_run": [stage for stage, did in ran.items() if did], "registered": registered}
+    return {"stages_run": [name for name, did in ran.items() if did], "registered": registered}

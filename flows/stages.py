@@ -55,10 +55,12 @@ def push_outputs(repo: Path, stage: str, log: Callable[[str], None], timeout: fl
         raise RuntimeError(f"dvc push {stage} failed with exit status {done.returncode}; see the log above")
 
 
-def reproduce(repo: Path, stage: str, log: Callable[[str], None]) -> bool:
-    """`dvc repro STAGE`, streaming its output to `log`; returns whether the stage's command ran.
+def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False) -> bool:
+    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first),
+    streaming its output to `log`; returns whether the stage's command ran.
     Progress bars redraw with carriage returns: those lines are logged at most every few seconds."""
-    process = subprocess.Popen(["dvc", "repro", stage], cwd=repo, stdout=subprocess.PIPE,
+    command = ["dvc", "repro", *(["--pull"] if pull else []), stage]
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True, env=project_env())
     ran, error_line, last_progress, pending = False, None, 0.0, b""
     try:

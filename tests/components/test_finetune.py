@@ -6,6 +6,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -206,7 +207,7 @@ def test_aux_lm_and_balanced_weights_train(workspace, tmp_path):
                                       max_chunks=2)
     assert changed == set(before) and summary["val_macro_f1"] >= 0
     targets = torch.tensor([0, 0, 0, 1, 2, 2])
-    expected = compute_class_weight("balanced", classes=[0, 1, 2], y=targets.numpy())
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=targets.numpy())
     assert torch.allclose(balanced_weights(targets, 3), torch.tensor(expected, dtype=torch.float32))
 
 

@@ -38,23 +38,25 @@ def deployed(prefect_api, tmp_path_factory):
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "GPTPIPE_CHECKOUT": str(project),
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "1"}
     prefect = str(BIN / "prefect")
-    subprocess.run([prefect, "work-pool", "create", "cpu", "--type", "process", "--overwrite"], env=env, check=True,
-                   capture_output=True)
+    for pool in ("cpu", "gpu"):
+        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
+                       check=True, capture_output=True)
     done = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"],
                           cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    log = (project.parent / "worker.log").open("w")
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "cpu", "--name", "cpu-1"], cwd=project.parent,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--name", f"{pool}-1"],
+                                cwd=project.parent, env=env, stdout=(project.parent / f"{pool}.log").open("w"),
+                                stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
     yield project, env
-    stop(worker)
+    for worker in workers:
+        stop(worker)
 
 
 def deployment(base: str, name: str) -> dict:
     return api(base, "GET", f"/deployments/name/retrain/{name}")
 
 
-def test_three_deployments_with_schedule_and_typed_form(prefect_api, deployed):
+def test_retrain_deployments_with_schedule_and_typed_form(prefect_api, deployed):
     default, nightly = deployment(prefect_api, "default"), deployment(prefect_api, "nightly")
     assert default["work_pool_name"] == "cpu"
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
@@ -72,8 +74,15 @@ def test_run_button_runs_the_pipeline_on_the_worker(prefect_api, deployed):
     run = api(prefect_api, "POST", f"/deployments/{default['id']}/create_flow_run", {})
     final = wait_for_final_state(prefect_api, run["id"])
     assert final["state"]["type"] == "COMPLETED", final["state"]
+    assert final["work_pool_name"] == "cpu"
     manifest = json.loads((project / "registry/bbc/versions/1.json").read_text())
     assert manifest["flow_run_id"] == run["id"]
+    children = api(prefect_api, "POST", "/flow_runs/filter",
+                   {"flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [run["id"]]}}})
+    gpu_stages = {child["parameters"]["stage"]: child for child in children}
+    assert set(gpu_stages) == {"pretrain", "finetune"}
+    assert all(child["work_pool_name"] == "gpu" and child["state"]["type"] == "COMPLETED"
+               for child in gpu_stages.values())
 
 
 def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
