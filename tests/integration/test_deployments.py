@@ -3,6 +3,7 @@ the UI's Run button starts them (POST /deployments/{id}/create_flow_run)."""
 
 import json
 import os
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -98,3 +99,27 @@ def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
         time.sleep(1)
     assert runs, "the event did not start a run of retrain/on-new-data"
     assert wait_for_final_state(prefect_api, runs[0]["id"])["state"]["type"] == "COMPLETED"
+
+
+def test_ui_shows_the_deployment_and_its_parameter_form(prefect_api, deployed, tmp_path):
+    """The Prefect UI, rendered by headless Chromium, lists the deployment and shows the typed params form."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed: .ci/run installs it (apt-get install chromium)"
+    default = deployment(prefect_api, "default")
+    ui = prefect_api.removesuffix("/api")
+
+    def render(path: str) -> str:
+        done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                               "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                               "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+                               "--virtual-time-budget=20000", "--dump-dom", f"{ui}{path}"],
+                              capture_output=True, text=True, timeout=120)
+        return done.stdout
+
+    page = render(f"/deployments/deployment/{default['id']}")
+    assert "retrain" in page and ">default<" in page.replace(" ", "")
+    form = render(f"/deployments/deployment/{default['id']}/run")
+    # The nested params model renders as titled, described fields, with the choices of a Literal as options.
+    for field in ("Max Steps", "Vocab Size", "Context Length", "Seeds splits, initialisation and data order.",
+                  "bf16-mixed"):
+        assert field in form, f"{field!r} missing from the Run form"
