@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -158,3 +159,57 @@ def tokenized(tmp_path):
     for stage in ("ingest", "tokenize"):
         subprocess.run(["dvc", "repro", stage], cwd=project, check=True, env=env, capture_output=True)
     return project, env
+
+
+class CuttableProxy:
+    """A TCP forwarder to the S3 server that can drop every connection at once, as a dying server does."""
+
+    def __init__(self, target_port: int, cut_after_bytes: int | None = None):
+        self.target_port, self.cut_after_bytes = target_port, cut_after_bytes
+        self.forwarded = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if upload:
+                    self.forwarded += len(data)
+                    if self.cut_after_bytes is not None and self.forwarded > self.cut_after_bytes:
+                        self.drop()
+                        return
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def drop(self) -> None:
+        self.cut.set()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        self.sockets.clear()
+        self.forwarded = 0
+        self.cut_after_bytes = None
+        self.cut.clear()
