@@ -161,11 +161,11 @@ class EvaluateParams(Section):
         "without pre-training.",
     )
     scratch_labels_per_class: int | None = Field(
-        50, ge=1, description="Labels per class the `scratch` baseline trains on (reusing that label-efficiency run); "
+        10, ge=1, description="Labels per class the `scratch` baseline trains on (reusing that label-efficiency run); "
         "null trains it on the whole train split like the fine-tune, which costs one more full fine-tune.")
     zero_shot_text_tokens: int = Field(128, ge=1, description="Tokens of each text shown in the zero-shot prompt.")
     label_budgets: list[LabelBudget] = Field(
-        default_factory=lambda: [10, 50],
+        default_factory=lambda: [10],
         description="Labels per class for the label-efficiency curve, pre-trained vs scratch; `all` reuses the "
         "fine-tune and adds a full scratch fine-tune. [] skips the curve.")
     budget_min_steps: int = Field(30, ge=1, description="A label-budget fine-tune runs more epochs when needed to "
