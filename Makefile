@@ -32,4 +32,4 @@ lock: $(STAMP)
 	$(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable | grep -v -E '^torch==' > requirements.lock
 
 clean:
-	rm -rf $(VENV) data models reports/*.json reports/*.png .gptpipe
+	rm -rf $(VENV) data models reports/*.json reports/*.png reports/*.md .gptpipe

@@ -25,7 +25,10 @@ from components.sources import s3_client, split_s3_uri
 LATEST = "latest"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-CACHE_ROOT = Path(os.environ.get("GPTPIPE_CACHE", Path.home() / ".cache" / "gptpipe")) / "registry"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GPTPIPE_CACHE", Path.home() / ".cache" / "gptpipe")) / "registry"
 
 
 class LocalStore:
@@ -216,9 +219,12 @@ class Registry:
             version += 1
 
     def fetch(self, manifest: dict) -> Path:
-        """A local copy of a version's files; versions are immutable, so a complete cached copy is reused."""
-        target = CACHE_ROOT / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / manifest["name"] / str(
-            manifest["version"])
+        """A local copy of a version's files; versions are immutable, so a complete cached copy is reused. The
+        cache is keyed by where the registry is and by the version's upload id, never by name and number alone:
+        two registries (two checkouts' `registry/` folders, two S3 endpoints) both have a `bbc:1`."""
+        where = str(Path(self.uri).resolve()) if isinstance(self.store, LocalStore) else \
+            f"{os.environ.get('AWS_ENDPOINT_URL', '')}|{self.uri}"
+        target = cache_root() / hashlib.sha256(where.encode()).hexdigest()[:16] / manifest["blob"]
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

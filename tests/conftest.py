@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -18,6 +19,8 @@ from components.params import Params, to_yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 60
+# Registry downloads are cached per user; keep the suite's apart from the user's own.
+os.environ["GPTPIPE_CACHE"] = tempfile.mkdtemp(prefix="gptpipe-test-cache-")
 
 # Small enough for seconds on two cores, big enough to train something real.
 TINY_PARAMS = {

@@ -42,6 +42,19 @@ def test_versions_count_up_and_files_round_trip(registry, model_folder):
     assert (registry.fetch(registry.resolve("news")) / "model.safetensors").read_bytes() == b"weights v2"
 
 
+def test_two_checkouts_registries_never_share_a_cached_copy(tmp_path, model_folder, monkeypatch):
+    """Two checkouts each have `registry/` (the default uri) holding a `news:1`: predict must read its own."""
+    contents = {}
+    for checkout, weights in (("a", b"weights a"), ("b", b"weights b")):
+        (tmp_path / checkout).mkdir()
+        monkeypatch.chdir(tmp_path / checkout)
+        (model_folder / "model.safetensors").write_bytes(weights)
+        registry = Registry("registry")
+        register(registry, model_folder)
+        contents[checkout] = (registry.fetch(registry.resolve("news:1")) / "model.safetensors").read_bytes()
+    assert contents == {"a": b"weights a", "b": b"weights b"}
+
+
 def test_aliases_move_and_roll_back(registry, model_folder):
     for _ in range(3):
         register(registry, model_folder)
