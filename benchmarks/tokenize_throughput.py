@@ -2,30 +2,23 @@
 encode) against raw `Tokenizer.encode_batch_fast` on the same texts with the same trained tokenizer, in one run;
 prints JSON with MB/s of both, their ratio and the peak RSS.
 
-    python benchmarks/tokenize.py [--size-mb 200] [--vocab 4096]
+    python benchmarks/tokenize_throughput.py [--size-mb 200] [--vocab 4096]
 """
 
-import os
-import sys
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the standard library's
-# `tokenize` (which `inspect`, and so numpy, imports): take the folder off before importing anything else.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import polars as pl
+from tokenizers import Tokenizer
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from components.params import Params  # noqa: E402
-from components.tokenize import ENCODE_BATCH, tokenize  # noqa: E402
+from components.params import Params
+from components.tokenize import ENCODE_BATCH, tokenize
 
 FILE_MB = 64
 SYLLABLES = ["ka", "to", "ri", "men", "sa", "lo", "ver", "di", "na", "pre", "con", "al", "tion", "ing", "er", "st",
