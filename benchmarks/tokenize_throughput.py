@@ -7,6 +7,7 @@ prints JSON with MB/s of both, their ratio and the peak RSS.
 
 import argparse
 import json
+import os
 import platform
 import resource
 import tempfile
