@@ -90,7 +90,8 @@ def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (folder / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (folder / "params.yaml").write_text(to_yaml(params))
-        shutil.copy(repo / "reports/confusion_matrix.png", folder / "confusion_matrix.png")
+        for report in ("confusion_matrix.png", "model_card.md"):
+            shutil.copy(repo / "reports" / report, folder / report)
         return {"metrics": summary, "kind": "classifier", "foundation": foundation,
                 "git_commit": lineage["git"]["commit"], "flow_run_id": (flow_run or {}).get("id")}
 

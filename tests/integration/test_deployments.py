@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, gptpipe, make_project, stop
+from tests.conftest import BIN, ROOT, TINY_PARAMS, gptpipe, make_project, stop
 
 pytestmark = pytest.mark.integration
 RUN_TIMEOUT = 420
@@ -123,3 +123,17 @@ def test_ui_shows_the_deployment_and_its_parameter_form(prefect_api, deployed, t
     for field in ("Max Steps", "Vocab Size", "Context Length", "Seeds splits, initialisation and data order.",
                   "bf16-mixed"):
         assert field in form, f"{field!r} missing from the Run form"
+
+
+def test_kubernetes_gpu_job_template_is_accepted_by_work_pool_tooling(prefect_api, deployed):
+    _, env = deployed
+    done = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
+                           "--base-job-template", str(ROOT / "infra/k8s-gpu-job-template.json"), "--overwrite"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pool = api(prefect_api, "GET", "/work_pools/gpu-k8s")
+    container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert container["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert container["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pool["base_job_template"]["variables"]["properties"]["gpu_count"]["default"] == 1
+

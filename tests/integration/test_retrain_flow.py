@@ -34,7 +34,8 @@ def test_run_writes_outputs_lock_and_registry_version(first_run):
     assert (project / "reports/confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     version = project / "registry/bbc/versions/1.json"
     manifest = json.loads(version.read_text())
-    assert {"model.safetensors", "tokenizer.json", "classifier.json", "lineage.json"} <= set(manifest["files"])
+    assert {"model.safetensors", "tokenizer.json", "classifier.json", "lineage.json", "model_card.md", "params.yaml",
+            "metrics.json"} <= set(manifest["files"])
 
 
 def test_lineage_points_at_commit_and_dvc_hashes(first_run):
