@@ -61,6 +61,12 @@ def publish_artifacts(repo: Path, registered: dict) -> None:
     rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
     rows += [{"model": name, **_headline(result["test"])} for name, result in metrics["baselines"].items()]
     create_table_artifact(key="test-metrics", table=rows, description="Test accuracy and macro-F1, same split")
+    curve = json.loads((repo / "reports/label_efficiency.json").read_text())
+    create_table_artifact(key="label-efficiency", description="Test macro-F1 by labels per class (null: all)",
+                          table=[{"labels_per_class": row["labels_per_class"],
+                                  **{name: round(row[name]["macro_f1"], 4) for name in ("pretrained", "scratch")}}
+                                 for row in curve])
+    create_markdown_artifact(key="model-card", markdown=(repo / "reports/model_card.md").read_text())
     create_markdown_artifact(
         key="registered-model",
         markdown=(f"**{registered['name']}:{registered['version']}** in `{registered['uri']}` is "

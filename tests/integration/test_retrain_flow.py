@@ -38,6 +38,16 @@ def test_run_writes_outputs_lock_and_registry_version(first_run):
             "metrics.json"} <= set(manifest["files"])
 
 
+def test_run_publishes_metrics_label_efficiency_and_model_card_artifacts(first_run, prefect_api):
+    import urllib.request
+
+    request = urllib.request.Request(f"{prefect_api}/artifacts/filter", method="POST", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        keys = {artifact["key"] for artifact in json.loads(response.read())}
+    assert {"test-metrics", "label-efficiency", "model-card", "registered-model"} <= keys
+
+
 def test_lineage_points_at_commit_and_dvc_hashes(first_run):
     project, _, _ = first_run
     manifest = json.loads((project / "registry/bbc/versions/1.json").read_text())
