@@ -3,6 +3,8 @@
 import sys
 from collections.abc import Callable
 
+ERROR_PREFIX = "gptpipe: error:"
+
 
 class InputError(Exception):
     """Input the user can fix: a missing file or column, a bad param. The message names it and the fix."""
@@ -14,5 +16,5 @@ def exit_on_input_error(main: Callable[[], None]) -> None:
         main()
     except InputError as error:
         message = " ".join(str(error).split())
-        print(f"gptpipe: error: {message}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,7 +14,8 @@ import networkx as nx
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
 
-ERROR_PREFIX = "gptpipe: error:"
+from components.errors import ERROR_PREFIX
+
 PROGRESS_LOG_SECONDS = 15.0
 PUSH_TIMEOUT_SECONDS = 300.0
 
