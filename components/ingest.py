@@ -90,8 +90,7 @@ def cap_per_label(frame: pl.DataFrame, limit: int | None, seed: int) -> pl.DataF
     return frame[np.sort(np.concatenate(keep)).tolist()]
 
 
-def length_stats(texts: pl.Series) -> dict[str, float]:
-    lengths = texts.str.len_chars()
+def length_stats(lengths: pl.Series) -> dict[str, float]:
     stats = {"min": int(lengths.min()), **{k: float(lengths.quantile(q, "nearest")) for k, q in QUANTILES.items()},
              "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
     return stats
@@ -154,7 +153,7 @@ def ingest(params: Params) -> tuple[dict[str, pl.DataFrame], dict]:
         "labels": labels,
         "labels_per_class": data.labels_per_class,
         "splits": {name: {"rows": split.height, "per_label": dict(sorted(split["label"].value_counts().iter_rows())),
-                          "chars": length_stats(split["text"])}
+                          "chars": length_stats(split["text"].str.len_chars())}
                    for name, split in splits.items()},
     }
     return splits, report

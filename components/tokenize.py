@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +19,13 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from components.atomic import atomic_dir
 from components.errors import exit_on_input_error
-from components.ingest import normalise
+from components.ingest import length_stats, normalise
 from components.params import Params, load_params
 from components.sources import unlabeled_batches
 
@@ -135,8 +137,11 @@ class ShardWriter:
                 "sha256": self.digest.hexdigest(), "shards": shards}
 
 
-def ids_with_end_of_text(encodings: list[Encoding], end_of_text: int, dtype: np.dtype) -> np.ndarray:
+def ids_with_end_of_text(encodings: list[Encoding], end_of_text: int, dtype: np.dtype,
+                         text_tokens: list[int]) -> np.ndarray:
+    """The batch's ids, each text followed by end-of-text; appends each text's token count to `text_tokens`."""
     ids = [encoding.ids for encoding in encodings]
+    text_tokens.extend(map(len, ids))
     for one in ids:
         one.append(end_of_text)
     return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
@@ -149,16 +154,19 @@ def write_token_stream(tokenizer: Tokenizer, batches: Iterable[list[str]], folde
     dtype = token_dtype(tokenizer.get_vocab_size())
     end_of_text = tokenizer.token_to_id(END_OF_TEXT)
     writer = ShardWriter(folder, split, dtype, shard_tokens)
+    text_tokens = array("I")  # 4 bytes per text: a few MB for millions of texts
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
         pending = None
         for batch in rebatch(batches):
             future = pool.submit(tokenizer.encode_batch_fast, batch)
             if pending is not None:
-                writer.write(ids_with_end_of_text(pending.result(), end_of_text, dtype))
+                writer.write(ids_with_end_of_text(pending.result(), end_of_text, dtype, text_tokens))
             pending = future
         if pending is not None:
-            writer.write(ids_with_end_of_text(pending.result(), end_of_text, dtype))
-    return writer.close()
+            writer.write(ids_with_end_of_text(pending.result(), end_of_text, dtype, text_tokens))
+    # Token counts per text tell whether model.context_length (times finetune.max_chunks) reads whole texts.
+    return {**writer.close(), "text_tokens": length_stats(pl.Series(text_tokens, dtype=pl.UInt32)) if text_tokens
+            else None}
 
 
 def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = None) -> dict:
@@ -200,6 +208,9 @@ def main() -> None:
           f"{len(manifest['train']['shards'])} shard(s), {manifest['val']['tokens']:,} val tokens "
           f"({manifest['dtype']}); unlabeled texts dropped: {dropped['leakage']} equal to val/test, "
           f"{dropped['blank']} blank, {dropped['undecodable']} undecodable")
+    if lengths := manifest["val"]["text_tokens"]:
+        print(f"tokenize: labeled (val) texts have {lengths['p50']:.0f} tokens at the median, {lengths['p90']:.0f} "
+              f"at p90, {lengths['max']} at most")
 
 
 if __name__ == "__main__":

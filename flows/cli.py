@@ -30,10 +30,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     from flows.stages import StageInputError
 
     try:
-        result = retrain(params=params, push=args.push)
+        result = retrain(params=params, push=args.push, isolate=args.isolate)
     except StageInputError as error:
         raise InputError(str(error)) from None
-    metrics = json.loads(Path("reports/metrics.json").read_text())
+    metrics = result["metrics"]
     registered = result["registered"]
     print(f"stages run: {', '.join(result['stages_run']) or 'none (all up to date)'}")
     print(f"test accuracy {metrics['finetune']['test']['accuracy']:.4f}, "
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one param (repeatable); written to params.yaml like `dvc exp run -S`")
     run.add_argument("--push", action="store_true", help="dvc push each stage's outputs as soon as it ends")
+    run.add_argument("--isolate", action="store_true",
+                     help="work in a git worktree of HEAD under .gptpipe/runs/ (runs at once share the DVC cache)")
     run.set_defaults(handler=cmd_run)
 
     predict = verbs.add_parser("predict", help="label texts with a registered model, as JSON lines")

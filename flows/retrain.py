@@ -4,11 +4,12 @@
     prefect deploy --all --prefect-file infra/prefect.yaml  # retrain/default, retrain/nightly, retrain/on-new-data
 """
 
+import base64
 import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
@@ -16,6 +17,7 @@ from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
 from flows.stages import StageInputError, push_outputs, reproduce, stage_order
+from flows.workspace import anchored, close_workspace, open_workspace
 
 # Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
 TRAINING_STAGES = {"pretrain", "finetune"}
@@ -56,6 +58,14 @@ def _headline(result: dict) -> dict:
     return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
 
 
+# Inlined as data URLs: they show in the UI without a file store the browser could reach.
+PLOT_ARTIFACTS = {
+    "confusion-matrix": ("reports/confusion_matrix.png", "Test confusion matrix of the fine-tuned GPT"),
+    "label-efficiency-curve": ("reports/label_efficiency.png", "Test macro-F1 by labels per class"),
+    "text-lengths": ("reports/data_lengths.png", "Text lengths of the prepared splits"),
+}
+
+
 def publish_artifacts(repo: Path, registered: dict) -> None:
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
@@ -66,6 +76,9 @@ def publish_artifacts(repo: Path, registered: dict) -> None:
                           table=[{"labels_per_class": row["labels_per_class"],
                                   **{name: round(row[name]["macro_f1"], 4) for name in ("pretrained", "scratch")}}
                                  for row in curve])
+    for key, (path, description) in PLOT_ARTIFACTS.items():
+        png = base64.b64encode((repo / path).read_bytes()).decode()
+        create_image_artifact(image_url=f"data:image/png;base64,{png}", key=key, description=description)
     create_markdown_artifact(key="model-card", markdown=(repo / "reports/model_card.md").read_text())
     create_markdown_artifact(
         key="registered-model",
@@ -84,20 +97,28 @@ CHECKOUT_PARAMS = checkout_params()
 
 
 @flow(name="stage", persist_result=True)
-def stage(stage: str, repo: str = ".", push: bool = False) -> bool:
+def stage(stage: str, repo: str = ".", push: bool = False, params: Params | None = None,
+          workspace: str | None = None) -> bool:
     """One dvc.yaml stage on whichever worker takes it: retrain sends its training stages here through a
-    deployment on the `gpu` pool. With `push`, inputs missing on this worker are pulled from the DVC remote
-    and the outputs pushed back, so workers share results instead of recomputing them."""
-    root = Path(repo).resolve()
+    deployment on the `gpu` pool, with its params and, for an isolated run, its workspace key (the worktree
+    is shared when the worker runs on the same machine, created afresh on another). With `push`, inputs
+    missing on this worker are pulled from the DVC remote and the outputs pushed back, so workers share
+    results instead of recomputing them."""
+    checkout = Path(repo).resolve()
+    root = open_workspace(checkout, workspace) if workspace else checkout
+    if params is not None:
+        write_params(root / PARAMS_FILE, anchored(params, checkout) if workspace else params)
     ran = run_stage(root, stage, pull=push)
     if push:
         push_stage(root, stage)
     return ran
 
 
-def run_training_stage(deployment: str, name: str, push: bool) -> bool:
-    """Run a training stage as a subflow on another work pool; the child works in its worker's checkout."""
-    child = run_deployment(deployment, parameters={"stage": name, "push": push}, poll_interval=2)
+def run_training_stage(deployment: str, name: str, push: bool, params: Params, workspace: str | None) -> bool:
+    """Run a training stage as a subflow on another work pool. Cancelling this run cancels the subflow
+    (Prefect's cancellation cleanup), whose worker then stops the training process group."""
+    child = run_deployment(deployment, poll_interval=2, parameters={
+        "stage": name, "push": push, "params": params.model_dump(mode="json"), "workspace": workspace})
     if not child.state or not child.state.is_completed():
         raise RuntimeError(f"stage {name} on {deployment} ended {child.state.type if child.state else 'unknown'}")
     return child.state.result()
@@ -105,25 +126,35 @@ def run_training_stage(deployment: str, name: str, push: bool) -> bool:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False,
-            training_deployment: str | None = None) -> dict:
+            training_deployment: str | None = None, isolate: bool = False) -> dict:
     """Run the dvc.yaml stages (unchanged ones are skipped) and register the classifier. The run's params are
     written to params.yaml first, so that dvc.lock records exactly what ran; with `push`, every stage's
     outputs go to the DVC remote as soon as the stage ends; with `training_deployment` (e.g. `stage/gpu`),
-    pre-training and fine-tuning run as subflows of that deployment, on its work pool."""
-    root = Path(repo).resolve()
+    pre-training and fine-tuning run as subflows of that deployment, on its work pool; with `isolate`, the
+    run works in a git worktree of its own (several runs at once, sharing the DVC cache and the registry),
+    removed once the model is registered."""
+    checkout = Path(repo).resolve()
     logger = get_run_logger()
-    if write_params(root / PARAMS_FILE, params):
+    workspace = str(flow_run.id) if isolate else None
+    root = open_workspace(checkout, workspace) if workspace else checkout
+    if workspace:
+        logger.info(f"working in {root}")
+    run_params = anchored(params, checkout) if workspace else params
+    if write_params(root / PARAMS_FILE, run_params):
         logger.info("params.yaml updated with this run's params")
     ran = {}
     for name in stage_order(root):
         if training_deployment and name in TRAINING_STAGES:
-            ran[name] = run_training_stage(training_deployment, name, push)
+            ran[name] = run_training_stage(training_deployment, name, push, params, workspace)
             continue
         ran[name] = run_stage.with_options(tags={"training"} if name in TRAINING_STAGES else set())(root, name)
         if push:
             push_stage(root, name)
-    registered = register_model(params, root)
+    registered = register_model(run_params, root)
+    metrics = json.loads((root / "reports/metrics.json").read_text())
     publish_artifacts(root, registered)
     logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")
-    return {"stages_run": [name for name, did in ran.items() if did], "registered": registered}
+    if workspace:
+        close_workspace(checkout, root)
+    return {"stages_run": [name for name, did in ran.items() if did], "registered": registered, "metrics": metrics}

@@ -1,6 +1,7 @@
 """The DVC stages as the flow sees them: their order comes from dvc.yaml, and each runs through `dvc repro`
 so that a stage whose inputs and params did not change is skipped."""
 
+import contextlib
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from components.errors import ERROR_PREFIX
 
 PROGRESS_LOG_SECONDS = 15.0
 PUSH_TIMEOUT_SECONDS = 300.0
+STOP_GRACE_SECONDS = 20.0
 
 
 class StageInputError(Exception):
@@ -56,6 +58,20 @@ def push_outputs(repo: Path, stage: str, log: Callable[[str], None], timeout: fl
         raise RuntimeError(f"dvc push {stage} failed with exit status {done.returncode}; see the log above")
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the group (training saves nothing half-done and exits), SIGKILL to what is left after a grace."""
+    os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    with contextlib.suppress(ProcessLookupError):  # raised once no process of the group is left
+        while time.monotonic() < deadline:
+            os.killpg(process.pid, 0)
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False) -> bool:
     """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first),
     streaming its output to `log`; returns whether the stage's command ran.
@@ -81,10 +97,9 @@ def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = F
                 log(line)
         code = process.wait()
     finally:
-        # A cancelled or failed task must not leave training running: stop the whole process group.
+        # A cancelled or failed task must not leave training running (holding a GPU): stop its process group.
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
+            stop_process_group(process)
     if code != 0:
         if error_line:
             raise StageInputError(error_line.removeprefix(ERROR_PREFIX).strip())

@@ -119,7 +119,9 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           # Cancelled runs' subflows are cancelled by this service; its default 20 s loop slows the tests.
+           "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": "5"}
     log = (home / "server.log").open("w")
     process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=env, stdout=log, stderr=subprocess.STDOUT)

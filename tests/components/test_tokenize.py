@@ -1,5 +1,10 @@
+import copy
 import hashlib
 import json
+import os
+import random
+import string
+import subprocess
 
 import numpy as np
 import polars as pl
@@ -10,7 +15,7 @@ from components.ingest import ingest, write_splits
 from components.params import Params
 from components.pretrain import RandomWindows
 from components.tokenize import END_OF_TEXT, PADDING, token_dtype, tokenize
-from tests.conftest import support_tickets
+from tests.conftest import BIN, TINY_PARAMS, make_project, support_tickets
 
 
 @pytest.fixture
@@ -98,3 +103,24 @@ def test_windows_from_shards_never_cross_a_shard_end(tmp_path):
     single = list(RandomWindows(paths[1], "uint16", 16, 32, seed=3, num_batches=3))
     listed = list(RandomWindows([paths[1]], "uint16", 16, 32, seed=3, num_batches=3))
     assert all((a == b).all() for (a, _), (b, _) in zip(single, listed, strict=True))
+
+
+def test_a_vocab_above_65536_is_stored_as_uint32_and_trains_end_to_end(tmp_path):
+    """90,000 distinct random words, each seen twice, give the BPE more than 65,536 tokens to learn."""
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choices(string.ascii_lowercase, k=7)) for _ in range(90_000)})
+    lines = [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)] * 2
+    params = copy.deepcopy(TINY_PARAMS)
+    params["data"]["unlabeled"] = {"paths": ["words.txt"]}
+    params["tokenizer"]["vocab_size"] = 70_000
+    project = make_project(tmp_path / "project", params)
+    (project / "words.txt").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["dvc", "repro", "finetune"], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((project / "data/tokens/manifest.json").read_text())
+    assert manifest["vocab_size"] == 70_000 and manifest["dtype"] == "uint32"
+    assert read_ids(project / "data/tokens", manifest["train"]).max() >= 1 << 16
+    pretrained = json.loads((project / "models/pretrained/config.json").read_text())
+    assert pretrained["vocab_size"] == 70_000
+    assert (project / "models/classifier/model.safetensors").stat().st_size > 0

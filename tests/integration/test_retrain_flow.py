@@ -1,5 +1,6 @@
 """The real retrain flow on a real Prefect server, real DVC in a real git repo, real (tiny) training."""
 
+import base64
 import json
 import subprocess
 
@@ -38,14 +39,18 @@ def test_run_writes_outputs_lock_and_registry_version(first_run):
             "metrics.json"} <= set(manifest["files"])
 
 
-def test_run_publishes_metrics_label_efficiency_and_model_card_artifacts(first_run, prefect_api):
+def test_run_publishes_tables_plots_and_model_card_artifacts(first_run, prefect_api):
     import urllib.request
 
     request = urllib.request.Request(f"{prefect_api}/artifacts/filter", method="POST", data=b"{}",
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        keys = {artifact["key"] for artifact in json.loads(response.read())}
-    assert {"test-metrics", "label-efficiency", "model-card", "registered-model"} <= keys
+        artifacts = {artifact["key"]: artifact for artifact in json.loads(response.read())}
+    assert {"test-metrics", "label-efficiency", "model-card", "registered-model"} <= set(artifacts)
+    for plot in ("confusion-matrix", "label-efficiency-curve", "text-lengths"):
+        assert artifacts[plot]["type"] == "image"
+        png = base64.b64decode(artifacts[plot]["data"].removeprefix("data:image/png;base64,"))
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lineage_points_at_commit_and_dvc_hashes(first_run):
