@@ -133,6 +133,25 @@ class TextClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+class DrawWindows:
+    """Collate labeled rows (ids and mask of K windows, label), keeping `count` windows of each text drawn at random:
+    a training step costs `count` windows whatever the text's length, and every epoch sees other parts of long
+    texts; validation and prediction still read all K."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.generator = count, torch.Generator().manual_seed(seed)
+
+    def __call__(self, rows: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        ids, mask, labels = (torch.stack(column) for column in zip(*rows, strict=True))
+        if ids.size(1) <= self.count:
+            return [ids, mask, labels]
+        # Random scores, windows holding no text last: the top `count` are real windows whenever the text has them.
+        scores = torch.rand(mask.shape[:2], generator=self.generator).masked_fill(~mask.any(dim=-1), -1.0)
+        picked = scores.topk(self.count, dim=1).indices  # (B, count)
+        rows_index = torch.arange(ids.size(0)).unsqueeze(1)
+        return [ids[rows_index, picked], mask[rows_index, picked], labels]
+
+
 def labeled_tensors(frame: pl.DataFrame, tokenizer: Tokenizer, labels: list[str], context: int,
                     max_chunks: int) -> TensorDataset:
     ids, mask = encode_chunks(tokenizer, frame["text"].to_list(), context, max_chunks)
@@ -168,7 +187,8 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     context = backbone.config.context_length
     train_data = labeled_tensors(train, tokenizer, labels, context, cfg.max_chunks)
     train_loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(params.seed))
+                              generator=torch.Generator().manual_seed(params.seed),
+                              collate_fn=DrawWindows(cfg.train_windows or cfg.max_chunks, params.seed))
     val_data = None
     if select_on_val:
         val_data = labeled_tensors(pl.read_parquet(prepared / "val.parquet"), tokenizer, labels, context,

@@ -135,6 +135,9 @@ class FinetuneParams(Section):
     pooling: Literal["mean", "last"] = Field("mean", description="How token states become one text vector.")
     max_chunks: int = Field(1, ge=1, description="Read up to this many consecutive context windows of each text and "
                             "average them; 1 reads only its first window. Cost grows with it.")
+    train_windows: int | None = Field(
+        1, ge=1, description="Windows of each text a training step reads, drawn at random every epoch from its first "
+        "max_chunks; validation and prediction read all of them. null trains on all max_chunks windows (slower).")
     aux_lm_weight: float = Field(0.0, ge=0, description="Weight of the next-token loss added to the classification "
                                  "loss (GPT-1 used 0.5); 0 turns it off.")
     class_weights: Literal["none", "balanced"] = Field(

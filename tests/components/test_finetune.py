@@ -16,6 +16,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from tokenizers import Tokenizer
 
 from components.finetune import (
+    DrawWindows,
     TextClassifier,
     balanced_weights,
     finetune,
@@ -227,3 +228,24 @@ def test_temperature_fitted_on_overconfident_logits_lowers_nll():
     assert F.cross_entropy(logits / temperature, truth) < F.cross_entropy(logits, truth)
     # at the fitted temperature the confidence is near the 70% accuracy
     assert torch.softmax(logits / temperature, dim=-1).max(dim=-1).values.mean() == pytest.approx(0.7, abs=0.05)
+
+
+def test_training_batches_draw_real_windows_at_random_and_keep_short_texts_whole():
+    # Text 0 fills 4 windows, text 1 only its first; window k of text t holds the id 10 * t + k + 1.
+    ids = torch.zeros(2, 4, 3, dtype=torch.long)
+    mask = torch.zeros(2, 4, 3, dtype=torch.long)
+    for text, windows in enumerate((4, 1)):
+        for k in range(windows):
+            ids[text, k], mask[text, k] = 10 * text + k + 1, 1
+    rows = [(ids[t], mask[t], torch.tensor(t)) for t in range(2)]
+    draw = DrawWindows(2, seed=0)
+    seen = set()
+    for _ in range(20):
+        picked_ids, picked_mask, labels = draw(rows)
+        assert picked_ids.shape == (2, 2, 3) and labels.tolist() == [0, 1]
+        assert picked_mask[0].all(), "a text with 4 windows got a padding window"
+        assert picked_ids[1, :, 0].tolist().count(11) == 1 and picked_mask[1].sum() == 3, "text 1 lost its window"
+        seen.add(tuple(sorted(picked_ids[0, :, 0].tolist())))
+    assert len(seen) > 3, "the same windows every time: not drawn at random"
+    whole = DrawWindows(4, seed=0)(rows)
+    assert torch.equal(whole[0], ids) and torch.equal(whole[1], mask)
