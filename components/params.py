@@ -133,8 +133,8 @@ class FinetuneParams(Section):
     lora_rank: int = Field(8, ge=1, description="`lora`: rank of each adapter.")
     lora_alpha: float = Field(16, gt=0, description="`lora`: the update is scaled by lora_alpha / lora_rank.")
     pooling: Literal["mean", "last"] = Field("mean", description="How token states become one text vector.")
-    max_chunks: int = Field(1, ge=1, description="Read up to this many consecutive context windows of each text and "
-                            "average them; 1 reads only its first window. Cost grows with it.")
+    max_chunks: int = Field(4, ge=1, description="Read up to this many consecutive context windows of each text and "
+                            "average them; 1 reads only its first window. Prediction cost grows with it.")
     train_windows: int | None = Field(
         1, ge=1, description="Windows of each text a training step reads, drawn at random every epoch from its first "
         "max_chunks; validation and prediction read all of them. null trains on all max_chunks windows (slower).")
