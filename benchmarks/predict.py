@@ -1,5 +1,6 @@
 """Prediction throughput of a registered classifier: texts/s through `components.predict` (tokenize, batch,
-forward, softmax) against the bare forward pass on the same pre-encoded batches, in the same run; prints JSON.
+forward, softmax) against the bare forward pass on the same pre-encoded batches (each text read as the
+model's `max_chunks` windows), in the same run; prints JSON.
 
     python benchmarks/predict.py --model bbc@champion [--registry registry] [--texts 256]
 """
@@ -10,7 +11,7 @@ import time
 
 import torch
 
-from components.inference import PREDICT_BATCH, encode
+from components.inference import PREDICT_BATCH, encode_chunks
 from components.params import load_params
 from components.predict import load_registered, predict
 from components.sources import builtin_bbc_news_dir
@@ -36,7 +37,7 @@ def main() -> None:
     pipeline_seconds = time.perf_counter() - started
 
     context = classifier.model.backbone.config.context_length
-    batches = [encode(classifier.tokenizer, texts[i : i + PREDICT_BATCH], context)
+    batches = [encode_chunks(classifier.tokenizer, texts[i : i + PREDICT_BATCH], context, classifier.max_chunks)
                for i in range(0, len(texts), PREDICT_BATCH)]
     started = time.perf_counter()
     with torch.no_grad():
@@ -46,7 +47,8 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "predict", "model": f"{manifest['name']}:{manifest['version']}", "texts": len(rows),
-        "batch_size": PREDICT_BATCH, "context_length": context, "threads": torch.get_num_threads(),
+        "batch_size": PREDICT_BATCH, "context_length": context, "max_chunks": classifier.max_chunks,
+        "threads": torch.get_num_threads(),
         "texts_per_second": round(len(rows) / pipeline_seconds, 1),
         "bare_forward_texts_per_second": round(len(texts) / forward_seconds, 1),
         "pipeline_vs_bare_forward": round(forward_seconds / pipeline_seconds, 3),

@@ -16,18 +16,6 @@ from components.tokenize import PADDING
 PREDICT_BATCH = 32
 
 
-def encode(tokenizer: Tokenizer, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, T) cut to the context and right-padded to the longest text, and the mask of real tokens."""
-    ids = [e.ids[:context_length] or [tokenizer.token_to_id(PADDING)] for e in tokenizer.encode_batch_fast(texts)]
-    width = max(len(row) for row in ids)
-    batch = torch.full((len(ids), width), tokenizer.token_to_id(PADDING), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, row_ids in enumerate(ids):
-        batch[row, : len(row_ids)] = torch.tensor(row_ids)
-        mask[row, : len(row_ids)] = 1
-    return batch, mask
-
-
 def encode_chunks(tokenizer: Tokenizer, texts: list[str], context_length: int,
                   max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, K, T): each text cut into up to `max_chunks` consecutive windows of `context_length` tokens
