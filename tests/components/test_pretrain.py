@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -50,16 +51,18 @@ def test_checkpoint_folder_describes_itself(tokenized):
     assert not any((project / ".gptpipe/resume/pretrain").iterdir())  # resume state is cleaned up
 
 
-def kill_after_first_checkpoint(project, env, **pretrain) -> list[str]:
-    """Start pre-training, SIGKILL it once a checkpoint is on disk; returns the command to rerun."""
+def kill_after_first_checkpoint(project, env, saved=None, **pretrain) -> list[str]:
+    """Start pre-training, SIGKILL it once `saved()` says a checkpoint is kept (default: on local disk);
+    returns the command to rerun."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"].update(max_steps=400, checkpoint_every_n_steps=20, val_every_n_steps=200, **pretrain)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "components.pretrain"]
     process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resume = project / ".gptpipe/resume/pretrain"
+    saved = saved or (lambda: bool(list(resume.glob("*/last.ckpt"))))
     deadline = time.monotonic() + 240
-    while not list(resume.glob("*/last.ckpt")) and time.monotonic() < deadline and process.poll() is None:
+    while not saved() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
     assert process.poll() is None, "pre-training finished before a checkpoint could be killed"
     os.kill(process.pid, signal.SIGKILL)
@@ -84,6 +87,12 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
 
 def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized, bucket):
     project, env = tokenized
-    command = kill_after_first_checkpoint(project, env, checkpoint_uri=f"s3://{bucket}/checkpoints")
+    client = boto3.client("s3")
+
+    def mirrored() -> bool:  # the local copy is written first: a worker dying in between loses that one
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/").get("Contents", [])
+        return any(item["Key"].endswith("/last.ckpt") for item in listed)
+
+    command = kill_after_first_checkpoint(project, env, saved=mirrored, checkpoint_uri=f"s3://{bucket}/checkpoints")
     shutil.rmtree(project / ".gptpipe")  # the other worker has no local state, only the store
     rerun_and_check_resumed(project, env, command)
