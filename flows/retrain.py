@@ -66,8 +66,7 @@ PLOT_ARTIFACTS = {
 }
 
 
-def publish_artifacts(repo: Path, registered: dict) -> None:
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
+def publish_artifacts(repo: Path, metrics: dict, registered: dict) -> None:
     rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
     rows += [{"model": name, **_headline(result["test"])} for name, result in metrics["baselines"].items()]
     create_table_artifact(key="test-metrics", table=rows, description="Test accuracy and macro-F1, same split")
@@ -152,7 +151,7 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
             push_stage(root, name)
     registered = register_model(run_params, root)
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    publish_artifacts(root, registered)
+    publish_artifacts(root, metrics, registered)
     logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")
     if workspace:
