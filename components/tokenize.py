@@ -138,7 +138,7 @@ class ShardWriter:
 
 
 def ids_with_end_of_text(encodings: list[Encoding], end_of_text: int, dtype: np.dtype,
-                         text_tokens: list[int]) -> np.ndarray:
+                         text_tokens: array) -> np.ndarray:
     """The batch's ids, each text followed by end-of-text; appends each text's token count to `text_tokens`."""
     ids = [encoding.ids for encoding in encodings]
     text_tokens.extend(map(len, ids))

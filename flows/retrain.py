@@ -17,7 +17,7 @@ from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
 from flows.stages import StageInputError, push_outputs, reproduce, stage_order
-from flows.workspace import anchored, close_workspace, open_workspace
+from flows.workspace import close_workspace, enter_workspace
 
 # Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
 TRAINING_STAGES = {"pretrain", "finetune"}
@@ -96,17 +96,15 @@ CHECKOUT_PARAMS = checkout_params()
 
 
 @flow(name="stage", persist_result=True)
-def stage(stage: str, repo: str = ".", push: bool = False, params: Params | None = None,
+def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHECKOUT_PARAMS,
           workspace: str | None = None) -> bool:
     """One dvc.yaml stage on whichever worker takes it: retrain sends its training stages here through a
     deployment on the `gpu` pool, with its params and, for an isolated run, its workspace key (the worktree
     is shared when the worker runs on the same machine, created afresh on another). With `push`, inputs
     missing on this worker are pulled from the DVC remote and the outputs pushed back, so workers share
     results instead of recomputing them."""
-    checkout = Path(repo).resolve()
-    root = open_workspace(checkout, workspace) if workspace else checkout
-    if params is not None:
-        write_params(root / PARAMS_FILE, anchored(params, checkout) if workspace else params)
+    root, run_params = enter_workspace(Path(repo).resolve(), workspace, params)
+    write_params(root / PARAMS_FILE, run_params)
     ran = run_stage(root, stage, pull=push)
     if push:
         push_stage(root, stage)
@@ -135,10 +133,9 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
     checkout = Path(repo).resolve()
     logger = get_run_logger()
     workspace = str(flow_run.id) if isolate else None
-    root = open_workspace(checkout, workspace) if workspace else checkout
+    root, run_params = enter_workspace(checkout, workspace, params)
     if workspace:
         logger.info(f"working in {root}")
-    run_params = anchored(params, checkout) if workspace else params
     if write_params(root / PARAMS_FILE, run_params):
         logger.info("params.yaml updated with this run's params")
     ran = {}

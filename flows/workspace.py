@@ -62,6 +62,14 @@ def open_workspace(checkout: Path, key: str) -> Path:
     return path
 
 
+def enter_workspace(checkout: Path, key: str | None, params: Params) -> tuple[Path, Params]:
+    """Where a run works and the params it runs with: the checkout and `params` as given, or with a `key` the
+    run's worktree and `params` anchored to the checkout."""
+    if key is None:
+        return checkout, params
+    return open_workspace(checkout, key), anchored(params, checkout)
+
+
 def close_workspace(checkout: Path, path: Path) -> None:
     """Remove a finished run's worktree: its outputs stay in the shared DVC cache and the registry."""
     _git("worktree", "remove", "--force", str(path), cwd=checkout)
