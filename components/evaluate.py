@@ -249,7 +249,8 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
     truth_idx = torch.tensor([labels.index(label) for label in truth])
     finetuned = scores(truth, predicted, labels, cfg.bootstrap_samples, params.seed)
     metrics = {
-        "pretrain": json.loads((pretrained / "metrics.json").read_text()),
+        "pretrain": {**json.loads((pretrained / "metrics.json").read_text()),
+                     "config": json.loads((pretrained / "config.json").read_text())},
         "finetune": {**json.loads((classifier_dir / "metrics.json").read_text()), "test": finetuned,
                      "calibration": calibration(logits, truth_idx, classifier.temperature)},
         "baselines": {},

@@ -5,25 +5,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from components.errors import InputError
 from components.inference import load_backbone
 from components.model import GPT
-from components.registry import Registry
 from components.tokenize import END_OF_TEXT
-
-
-def locate_checkpoint(model: str, registry_uri: str) -> Path:
-    """A local checkpoint folder (models/pretrained) or a registered foundation model (NAME@ALIAS, NAME:VERSION)."""
-    folder = Path(model)
-    if folder.is_dir():
-        if not (folder / "config.json").exists():
-            raise InputError(f"{folder}: no config.json; pass a pre-trained checkpoint folder, e.g. models/pretrained")
-        return folder
-    registry = Registry(registry_uri)
-    fetched = registry.fetch(registry.resolve(model))
-    if not (fetched / "config.json").exists():
-        raise InputError(f"--model {model}: not a pre-trained checkpoint; name a foundation model, e.g. bbc-foundation")
-    return fetched
 
 
 @torch.no_grad()

@@ -35,11 +35,11 @@ def _curve_table(curve: list[dict]) -> list[str]:
 
 
 def _limits(params: Params, metrics: dict, splits: dict) -> list[str]:
-    model, finetuned = params.model, metrics["finetune"]["test"]
+    context, finetuned = metrics["pretrain"]["config"]["context_length"], metrics["finetune"]["test"]
     low, high = finetuned.get("accuracy_ci95", (finetuned["accuracy"], finetuned["accuracy"]))
     limits = [
-        f"- It reads at most the first {params.finetune.max_chunks * model.context_length} tokens of a text "
-        f"({params.finetune.max_chunks} window(s) of {model.context_length}); the rest is ignored.",
+        f"- It reads at most the first {params.finetune.max_chunks * context} tokens of a text "
+        f"({params.finetune.max_chunks} window(s) of {context}); the rest is ignored.",
         f"- It always answers one of its {len(finetuned['per_class'])} labels, also for text that fits none; "
         "a low top probability is the only sign of that.",
         f"- The test split has {splits['test']} texts: test accuracy is known only to about "
@@ -56,7 +56,11 @@ def _limits(params: Params, metrics: dict, splits: dict) -> list[str]:
 
 
 def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, labels: list[str]) -> str:
-    cfg, model, pretrain = params.finetune, params.model, metrics["pretrain"]
+    cfg, pretrain = params.finetune, metrics["pretrain"]
+    model, foundation = pretrain["config"], pretrain.get("foundation")
+    tokens = pretrain.get("train_tokens", 0)
+    origin = (f"the broad foundation `{foundation['name']}`, continued on this task's text for {tokens:,} tokens"
+              if foundation else f"next-token prediction on this task's text only ({tokens:,} tokens)")
     calibrated = metrics["finetune"]["calibration"]
     lines = [
         f"# Model card: `{params.registry.model_name}`",
@@ -66,8 +70,8 @@ def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, l
         "a probability per label (temperature-scaled on the validation split).",
         "",
         "## Model",
-        f"A GPT decoder ({model.n_layer} layers, {model.n_head} heads, width {model.d_model}, context "
-        f"{model.context_length}, {pretrain.get('n_params', 0):,} parameters) pre-trained by next-token prediction"
+        f"A GPT decoder ({model['n_layer']} layers, {model['n_head']} heads, width {model['d_model']}, context "
+        f"{model['context_length']}, {pretrain.get('n_params', 0):,} parameters) pre-trained from {origin}"
         f" (validation perplexity {pretrain.get('val_perplexity', float('nan')):.1f}), then fine-tuned with "
         f"strategy `{cfg.strategy}`, `{cfg.pooling}` pooling over up to {cfg.max_chunks} window(s) per text, "
         f"{metrics['finetune'].get('epochs_trained', cfg.epochs)} epoch(s), best epoch by validation macro-F1 "

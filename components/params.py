@@ -83,7 +83,13 @@ PRECISION_HELP = "Lightning precision string; `auto` picks bf16-mixed where the 
 class PretrainParams(Section):
     batch_size: int = Field(16, ge=1, description="Sequences per micro-step, all devices together.")
     accumulate_grad_batches: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    max_steps: int = Field(250, ge=1, description="Optimizer steps.")
+    init_from: str = Field(
+        "models/foundation", pattern=r"^(scratch|registry:[A-Za-z0-9][A-Za-z0-9_.-]*([@:][A-Za-z0-9_.-]+)?|[^:]+)$",
+        description="What pre-training starts from: a foundation folder (models/foundation ships with gptpipe), a "
+        "registered foundation `registry:NAME@ALIAS` / `registry:NAME:VERSION`, or `scratch` (random weights, "
+        "a BPE trained on the task's text). A foundation's tokenizer and shape are kept; `model.*` applies to "
+        "scratch only.")
+    max_steps: int = Field(250, ge=0, description="Optimizer steps; 0 keeps the starting foundation as it is.")
     learning_rate: float = Field(1e-3, gt=0)
     min_learning_rate: float = Field(1e-4, ge=0, description="Floor of the cosine schedule.")
     warmup_steps: int = Field(25, ge=0)
@@ -111,10 +117,6 @@ class PretrainParams(Section):
 
 
 class FinetuneParams(Section):
-    init_from: str = Field(
-        "pretrain", pattern=r"^(pretrain|registry:[A-Za-z0-9][A-Za-z0-9_.-]*([@:][A-Za-z0-9_.-]+)?)$",
-        description="`pretrain` (this pipeline's pre-training) or a registered foundation model, "
-        "`registry:NAME@ALIAS` or `registry:NAME:VERSION`, which the pretrain stage then fetches instead of training.")
     strategy: Literal["full", "linear_probe", "ulmfit", "lora"] = Field(
         "full", description="`full` trains every weight; `linear_probe` only the head; `ulmfit` discriminative "
         "learning rates, slanted triangular schedule and gradual unfreezing (Howard & Ruder 2018); `lora` low-rank "
@@ -188,6 +190,28 @@ class RegistryParams(Section):
         0.05, ge=0, le=1, description="... and unless some class's test F1 fell by more than this.")
 
 
+class FoundationCorpus(Section):
+    paths: list[str] = Field(
+        default_factory=list, description="Broad unlabeled text: Parquet, CSV, JSONL or .txt files, folders, globs, "
+        "s3:// prefixes, or hf:// paths (the Hugging Face file system). A file's source is its name before `-NNNNN`.")
+    text_column: str = Field("text", description="Column holding the text in tabular files.")
+    val_fraction: float = Field(0.005, gt=0, lt=0.5, description="Share of each source's documents held out "
+                                "(chosen by a hash of the text) for the per-source perplexity.")
+    licences: dict[str, str] = Field(default_factory=dict, description="Licence of each source, for the card.")
+
+
+class FoundationParams(Section):
+    """A broad foundation, pre-trained once on a large corpus and continued on each task (`gptpipe foundation`)."""
+    name: str = Field("gptpipe-base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Name on the card, and in the registry with --register.")
+    corpus: FoundationCorpus = FoundationCorpus()
+    tokenizer: TokenizerParams = TokenizerParams(vocab_size=8192, train_max_mb=64)
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams(
+        init_from="scratch", batch_size=32, max_steps=2500, learning_rate=2e-3, warmup_steps=100,
+        val_every_n_steps=250, val_batches=10, checkpoint_every_n_steps=50)
+
+
 class Params(Section):
     seed: int = Field(1337, ge=0, description="Seeds splits, initialisation and data order.")
     data: DataParams = DataParams()
@@ -197,12 +221,15 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    foundation: FoundationParams = FoundationParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
         if self.data.test_fraction + self.data.val_fraction >= 0.8:
             raise ValueError("data.test_fraction + data.val_fraction must leave at least 20% for training")
-        if self.pretrain.warmup_steps >= self.pretrain.max_steps and self.pretrain.max_steps > 1:
+        if self.pretrain.init_from == "scratch" and not self.pretrain.max_steps:
+            raise ValueError("pretrain.max_steps: 0 keeps a foundation as it is; from scratch it must be at least 1")
+        if self.pretrain.warmup_steps >= self.pretrain.max_steps > 1:
             raise ValueError("pretrain.warmup_steps must be below pretrain.max_steps")
         return self
 

@@ -20,15 +20,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_model
 from torch.utils.data import DataLoader, IterableDataset
 
-from components.atomic import atomic_dir
+from components.atomic import atomic_dir, write_bytes_atomic
+from components.checkpoints import Foundation, resolve_foundation
 from components.errors import InputError, exit_on_input_error
+from components.inference import load_weights
 from components.model import GPT, GPTConfig
-from components.params import Params, load_params
-from components.registry import Registry, open_store
+from components.params import Params, PretrainParams, load_params
+from components.registry import open_store
 from components.training import TokenThroughput, make_trainer, resolve_precision, warmup_cosine
 
 RESUME_ROOT = Path(".gptpipe/resume/pretrain")
-REGISTRY_PREFIX = "registry:"
 
 
 class RandomWindows(IterableDataset):
@@ -134,6 +135,11 @@ def check_corpus(manifest: dict, context: int, tokens: Path) -> None:
                              f"fewer than model.context_length + 2 ({context + 2}); add text or lower the context")
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint, unpickled with `weights_only`: a mirrored one may come from a shared bucket."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def save_pretrained(model: GPT, tokens: Path, summary: dict, out: Path) -> None:
     """The checkpoint folder describes itself: weights, model config, tokenizer and how it was trained."""
     with atomic_dir(out) as staging:
@@ -143,44 +149,40 @@ def save_pretrained(model: GPT, tokens: Path, summary: dict, out: Path) -> None:
         (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def fetch_foundation(registry_uri: str, ref: str, out: Path) -> dict:
-    """Copy a registered pre-trained checkpoint into `out`, recording which one it is."""
-    registry = Registry(registry_uri)
-    manifest = registry.resolve(ref)
-    source = registry.fetch(manifest)
-    if not (source / "config.json").exists():
-        raise InputError(f"finetune.init_from=registry:{ref}: {manifest['name']}:{manifest['version']} is not a "
-                         "pre-trained checkpoint (no config.json); name a foundation model, e.g. "
-                         "registry:bbc-foundation")
-    with atomic_dir(out) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        summary = json.loads((staging / "metrics.json").read_text())
-        summary["foundation"] = {"name": manifest["name"], "version": manifest["version"], "registry": registry_uri}
-        (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return manifest
-
-
-def resume_key(params: Params, config: GPTConfig, data_fingerprint: str) -> str:
+def resume_key(seed: int, config: GPTConfig, cfg: PretrainParams, data_fingerprint: str) -> str:
     """Names the resume folder: everything that changes what training computes; not how often it validates or
     checkpoints, nor how many devices share the (global) batch."""
     operational = {"val_every_n_steps", "val_batches", "checkpoint_every_n_steps", "checkpoint_uri", "compile",
-                   "devices", "num_nodes", "strategy"}
-    identity = {"seed": params.seed, "model": config.to_dict(), "data": data_fingerprint,
-                "train": params.pretrain.model_dump(exclude=operational)}
+                   "devices", "num_nodes", "strategy", "init_from"}
+    identity = {"seed": seed, "model": config.to_dict(), "data": data_fingerprint,
+                "train": cfg.model_dump(exclude=operational)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME_ROOT) -> dict:
+def restore_mirrored(mirror, key: str, last: Path) -> None:
+    """Bring a checkpoint another worker mirrored to `last`, atomically: a kill mid-copy leaves no truncated file."""
+    if last.exists() or mirror is None:
+        return
+    if (remote := mirror.get(key)) is not None:
+        write_bytes_atomic(last, remote)
+
+
+def train_language_model(seed: int, config: GPTConfig, cfg: PretrainParams, tokens: Path, manifest: dict,
+                         resume_root: Path, init_weights: Path | None = None) -> tuple[GPT, dict, L.Trainer]:
+    """Next-token training on the token shards in `tokens`, from `init_weights` (a safetensors file) or from
+    random weights; resumes from the last checkpoint of this exact configuration. Returns the model, a summary
+    and the trainer (for further validation)."""
     # setup
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    manifest = json.loads((tokens / "manifest.json").read_text())
-    cfg = params.pretrain
-    check_corpus(manifest, params.model.context_length, tokens)
-    config = GPTConfig(vocab_size=manifest["vocab_size"], **params.model.model_dump())
+    L.seed_everything(seed, workers=True, verbose=False)
+    check_corpus(manifest, config.context_length, tokens)
     fingerprint = manifest["train"]["sha256"] + manifest["val"]["sha256"]
+    if init_weights is not None:
+        fingerprint += hashlib.sha256(init_weights.read_bytes()).hexdigest()
     module = LanguageModel(config.to_dict(), cfg.model_dump(), fingerprint)
-    resume_dir = resume_root / resume_key(params, config, fingerprint)
-    data = WindowData(tokens, manifest, config.context_length, cfg.batch_size, params.seed, cfg.val_batches)
+    if init_weights is not None:
+        load_weights(module.model, init_weights)
+    resume_dir = resume_root / resume_key(seed, config, cfg, fingerprint)
+    data = WindowData(tokens, manifest, config.context_length, cfg.batch_size, seed, cfg.val_batches)
     throughput = TokenThroughput(cfg.batch_size * config.context_length, module.model.flops_per_token())
     checkpoints = ModelCheckpoint(dirpath=resume_dir, filename="last", every_n_train_steps=cfg.checkpoint_every_n_steps,
                                   save_top_k=1, enable_version_counter=False, save_on_exception=False)
@@ -191,24 +193,22 @@ def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME
 
     trainer = make_trainer(cfg.precision, resume_dir, [throughput, checkpoints],
                            mirror=mirror_checkpoint if mirror else None,
-                           max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches,
+                           max_steps=max(cfg.max_steps, 1), accumulate_grad_batches=cfg.accumulate_grad_batches,
                            devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                            val_check_interval=cfg.val_every_n_steps * cfg.accumulate_grad_batches,
                            check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
                            gradient_clip_val=cfg.grad_clip or None, log_every_n_steps=10)
     # loop (resuming from the last checkpoint of this exact configuration, if one survived a crash here or,
-    # mirrored, on another worker)
+    # mirrored, on another worker); 0 steps keeps the starting weights as they are
     last = resume_dir / "last.ckpt"
-    if not last.exists() and mirror and (remote := mirror.get(f"{resume_dir.name}/last.ckpt")) is not None:
-        resume_dir.mkdir(parents=True, exist_ok=True)
-        last.write_bytes(remote)
-    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else 0
+    restore_mirrored(mirror, f"{resume_dir.name}/last.ckpt", last)
+    resumed_from = read_checkpoint(last)["global_step"] if last.exists() else 0
     started = time.perf_counter()
-    trainer.fit(torch.compile(module) if cfg.compile else module, datamodule=data,
-                ckpt_path=last if last.exists() else None)
+    if cfg.max_steps:
+        trainer.fit(torch.compile(module) if cfg.compile else module, datamodule=data,
+                    ckpt_path=last if last.exists() else None, weights_only=True)
     # validate
     val_loss = trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"]
-    # save
     summary = {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
                "tokens_per_second": throughput.tokens_per_second, "mfu": throughput.mfu,
                "n_params": module.model.num_params(non_embedding=False),
@@ -216,9 +216,27 @@ def pretrain(params: Params, tokens: Path, out: Path, resume_root: Path = RESUME
                "steps": cfg.max_steps, "resumed_from_step": resumed_from,
                "seconds": time.perf_counter() - started, "precision": resolve_precision(cfg.precision),
                "devices": trainer.world_size}
-    if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
-        save_pretrained(module.model, tokens, summary, out)
+    if trainer.is_global_zero:
         shutil.rmtree(resume_dir, ignore_errors=True)
+    return module.model, summary, trainer
+
+
+def pretrain(params: Params, tokens: Path, out: Path, foundation: Foundation | None = None,
+             resume_root: Path = RESUME_ROOT) -> dict:
+    """Pre-train on the task's token stream: continued from `foundation` (whose tokenizer encoded the stream;
+    ULMFiT's second stage) or, when None, from random weights with the shape in `params.model`."""
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    if foundation is not None:
+        config = GPTConfig(**json.loads((foundation.folder / "config.json").read_text()))
+        init = foundation.folder / "model.safetensors"
+    else:
+        config = GPTConfig(vocab_size=manifest["vocab_size"], **params.model.model_dump())
+        init = None
+    model, summary, trainer = train_language_model(params.seed, config, params.pretrain, tokens, manifest,
+                                                   resume_root, init)
+    summary["foundation"] = foundation.record if foundation else None
+    if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
+        save_pretrained(model, tokens, summary, out)
     return summary
 
 
@@ -229,14 +247,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("models/pretrained"))
     args = parser.parse_args()
     params = load_params(args.params)
-    if params.finetune.init_from.startswith(REGISTRY_PREFIX):
-        ref = params.finetune.init_from.removeprefix(REGISTRY_PREFIX)
-        manifest = fetch_foundation(params.registry.uri, ref, args.out)
-        print(f"pretrain: using registered foundation {manifest['name']}:{manifest['version']} instead of training")
-        return
-    summary = pretrain(params, args.tokens, args.out)
-    print(f"pretrain: val perplexity {summary['val_perplexity']:.1f}, {summary['tokens_per_second']:,.0f} tokens/s, "
-          f"{summary['n_params']:,} parameters")
+    foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)
+    summary = pretrain(params, args.tokens, args.out, foundation)
+    start = f"continued from {foundation.record['name']}" if foundation else "from scratch"
+    print(f"pretrain ({start}, {params.pretrain.max_steps} steps): val perplexity {summary['val_perplexity']:.1f}, "
+          f"{summary['tokens_per_second']:,.0f} tokens/s, {summary['n_params']:,} parameters")
 
 
 if __name__ == "__main__":

@@ -58,20 +58,27 @@ def register_once(registry: Registry, name: str, digest: str, staged: Callable[[
         return registry.register(name, Path(tmp), {**metadata, "content_sha256": digest}), True
 
 
-def register_foundation(params: Params, registry: Registry, repo: Path) -> dict:
-    """The pre-trained checkpoint as its own model, so other tasks can fine-tune from it; when this run itself
-    started from a registered foundation, that one is the lineage's foundation."""
+def register_checkpoint(registry_uri: str, name: str, folder: Path) -> dict:
+    """Register a pre-trained checkpoint folder as a foundation model (unless the newest version holds the same
+    content), so tasks can continue from it with `pretrain.init_from: registry:NAME@latest`."""
+    summary = json.loads((folder / "metrics.json").read_text())
+
+    def stage(staging: Path) -> dict:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        return {"metrics": {"val_perplexity": summary["val_perplexity"]}, "kind": "foundation",
+                "continued_from": summary.get("foundation") or summary.get("continued_from")}
+
+    manifest, _ = register_once(Registry(registry_uri), name, folder_digest(folder), stage)
+    return manifest
+
+
+def register_foundation(params: Params, repo: Path) -> dict:
+    """This run's pre-trained checkpoint (the broad foundation continued on the task's text, or a task-only
+    model) as its own model, so other runs can start from it; returns the record the lineage keeps."""
     pretrained = repo / "models/pretrained"
-    summary = json.loads((pretrained / "metrics.json").read_text())
-    if "foundation" in summary:
-        return summary["foundation"]
-
-    def stage(folder: Path) -> dict:
-        shutil.copytree(pretrained, folder, dirs_exist_ok=True)
-        return {"metrics": {"val_perplexity": summary["val_perplexity"]}, "kind": "foundation"}
-
-    manifest, _ = register_once(registry, params.registry.foundation_name, folder_digest(pretrained), stage)
-    return {"name": manifest["name"], "version": manifest["version"], "registry": params.registry.uri}
+    manifest = register_checkpoint(params.registry.uri, params.registry.foundation_name, pretrained)
+    return {"name": manifest["name"], "version": manifest["version"], "registry": params.registry.uri,
+            "continued_from": manifest.get("continued_from")}
 
 
 def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
@@ -82,7 +89,7 @@ def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
     summary = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
                "per_class_f1": {label: scores["f1"] for label, scores in test["per_class"].items()}}
     registry = Registry(params.registry.uri)
-    foundation = register_foundation(params, registry, repo)
+    foundation = register_foundation(params, repo)
 
     def stage(folder: Path) -> dict:
         lineage = build_lineage(repo, flow_run, foundation)

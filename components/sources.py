@@ -6,6 +6,7 @@ corpus larger than memory flows through.
 """
 
 import glob
+import hashlib
 import importlib.util
 import io
 import tempfile
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
+import fsspec
 import polars as pl
 import pyarrow.parquet as pq
 from botocore.config import Config
@@ -103,8 +105,41 @@ def local_copy(path: str) -> Iterator[Path]:
         yield target
 
 
+def fsspec_protocol(path: str) -> str | None:
+    """The protocol of a URL that fsspec serves (hf://, gs://, file://, ...); s3:// goes through boto3 instead."""
+    protocol, sep, _ = path.partition("://")
+    return protocol if sep and protocol != "s3" else None
+
+
+def fsspec_files(path: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        if glob.has_magic(root):
+            found = sorted(one for one in fs.glob(root) if fs.isfile(one))
+        else:
+            found = [root] if fs.isfile(root) else sorted(fs.find(root))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot list ({' '.join(str(error).split())}); check the path and access") from None
+    if not found:
+        raise InputError(f"{path}: no such file or folder; check the path")
+    return [fs.unstrip_protocol(one) for one in found]
+
+
 def local_files(path: str) -> Iterator[Path]:
-    """Every file `path` names, in a stable order; s3:// objects are downloaded one at a time and removed after."""
+    """Every file `path` names, in a stable order; s3:// objects and other remote files (hf://, through fsspec)
+    are downloaded one at a time and removed after."""
+    if fsspec_protocol(path):
+        with tempfile.TemporaryDirectory(prefix="gptpipe-fs-") as tmp:
+            for uri in fsspec_files(path):
+                fs, remote = fsspec.core.url_to_fs(uri)
+                target = Path(tmp) / remote.rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    fs.get(remote, str(target))
+                except OSError as error:
+                    raise InputError(f"{uri}: cannot read ({' '.join(str(error).split())}); check access") from None
+                yield target
+                target.unlink(missing_ok=True)
+        return
     if not path.startswith("s3://"):
         with local_copy(path) as local:
             if not local.exists():
@@ -128,9 +163,49 @@ def local_files(path: str) -> Iterator[Path]:
             target.unlink(missing_ok=True)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def corpus_files(paths: list[str]) -> list[dict]:
+    """Every file the paths name (globs, folders, s3:// prefixes, fsspec URLs), each with its size and a version
+    stamp (mtime, ETag) that changes when its content does."""
+    found = []
+    for path in paths:
+        for one in expand(path):
+            if fsspec_protocol(one):
+                for uri in fsspec_files(one):
+                    fs, remote = fsspec.core.url_to_fs(uri)
+                    info = fs.info(remote)
+                    found.append({"uri": uri, "bytes": info.get("size"),
+                                  "version": str(info.get("sha256") or info.get("ETag") or info.get("mtime"))})
+            elif one.startswith("s3://"):
+                bucket, _ = split_s3_uri(one)
+                client = s3_client()
+                try:
+                    for key in s3_keys(client, one):
+                        head = client.head_object(Bucket=bucket, Key=key)
+                        found.append({"uri": f"s3://{bucket}/{key}", "bytes": head["ContentLength"],
+                                      "version": head["ETag"]})
+                except (BotoCoreError, ClientError) as error:
+                    raise s3_error(one, error) from None
+            else:
+                local = Path(one)
+                if not local.exists():
+                    raise InputError(f"{one}: file not found; check foundation.corpus.paths")
+                for file in sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]:
+                    stat = file.stat()
+                    found.append({"uri": str(file), "bytes": stat.st_size, "version": str(stat.st_mtime_ns)})
+    return found
+
+
 def expand(path: str) -> list[str]:
     """A glob expands to its sorted matches; anything else stands for itself."""
-    if not path.startswith("s3://") and glob.has_magic(path):
+    if not path.startswith("s3://") and not fsspec_protocol(path) and glob.has_magic(path):
         matches = sorted(glob.glob(path))
         if not matches:
             raise InputError(f"{path}: the pattern matches no file; check the path")

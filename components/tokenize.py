@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from components.atomic import atomic_dir
+from components.checkpoints import Foundation, resolve_foundation
 from components.errors import exit_on_input_error
 from components.ingest import length_stats, normalise
 from components.params import Params, load_params
@@ -169,16 +170,21 @@ def write_token_stream(tokenizer: Tokenizer, batches: Iterable[list[str]], folde
             else None}
 
 
-def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = None) -> dict:
-    """Train the tokenizer, encode the corpus and the validation split into shards; returns the manifest.
-    `timings`, when given, receives the seconds spent training and encoding."""
+def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = None,
+             foundation: Foundation | None = None) -> dict:
+    """Train the tokenizer (or take the `foundation`'s, which its weights were trained with), encode the corpus
+    and the validation split into shards; returns the manifest. `timings`, when given, receives the seconds
+    spent training and encoding."""
     held_out = {text for split in ("val", "test") for batch in parquet_texts(prepared / f"{split}.parquet")
                 for text in batch}
     cfg = params.tokenizer
     limit = cfg.train_max_mb * 1e6 if cfg.train_max_mb else None
     started = time.perf_counter()
-    tokenizer = train_tokenizer(take_chars(corpus_batches(params, prepared, held_out, Counter()), limit),
-                                cfg.vocab_size, cfg.min_frequency)
+    if foundation is not None:
+        tokenizer = Tokenizer.from_file(str(foundation.folder / "tokenizer.json"))
+    else:
+        tokenizer = train_tokenizer(take_chars(corpus_batches(params, prepared, held_out, Counter()), limit),
+                                    cfg.vocab_size, cfg.min_frequency)
     trained = time.perf_counter()
     counts: Counter = Counter()
     with atomic_dir(out) as staging:
@@ -202,9 +208,12 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("data/tokens"))
     args = parser.parse_args()
-    manifest = tokenize(load_params(args.params), args.prepared, args.out)
+    params = load_params(args.params)
+    foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)
+    manifest = tokenize(params, args.prepared, args.out, foundation=foundation)
     dropped = manifest["corpus"]["unlabeled_dropped"]
-    print(f"tokenize: vocab {manifest['vocab_size']}, {manifest['train']['tokens']:,} train tokens in "
+    origin = f"the tokenizer of {foundation.record['name']}" if foundation else "a BPE trained on this corpus"
+    print(f"tokenize: {origin}, vocab {manifest['vocab_size']}, {manifest['train']['tokens']:,} train tokens in "
           f"{len(manifest['train']['shards'])} shard(s), {manifest['val']['tokens']:,} val tokens "
           f"({manifest['dtype']}); unlabeled texts dropped: {dropped['leakage']} equal to val/test, "
           f"{dropped['blank']} blank, {dropped['undecodable']} undecodable")

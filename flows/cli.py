@@ -3,6 +3,7 @@
     gptpipe run [--set section.key=value]...
     gptpipe predict --model NAME[@ALIAS|:VERSION] [TEXT ...] [--input FILE]
     gptpipe generate [--model models/pretrained|NAME@ALIAS] [PROMPT ...]
+    gptpipe foundation [--set foundation.key=value]... [--out DIR] [--register]
     gptpipe notify [NAME] [--path PATH]
     gptpipe registry list|show|promote|rollback
 """
@@ -63,7 +64,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from components.generate import generate, locate_checkpoint
+    from components.checkpoints import locate_checkpoint
+    from components.generate import generate
 
     folder = locate_checkpoint(args.model, registry_uri(args))
     for index, prompt in enumerate(args.prompts or [""]):
@@ -91,6 +93,26 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def score(metrics: dict, key: str, spec: str = ".4f") -> str:
+    """A metric for the table, or `-` where this kind of model has none (a foundation has no test accuracy)."""
+    return format(metrics[key], spec) if isinstance(metrics.get(key), int | float) else "-"
+
+
+def cmd_foundation(args: argparse.Namespace) -> None:
+    from components.foundation import build_foundation
+    from components.register import register_checkpoint
+
+    params = load_params(PARAMS_FILE, args.set)
+    out = Path(args.out)
+    summary = build_foundation(params.foundation, params.seed, params.registry.uri, out)
+    print(f"foundation: {summary['tokens_seen']:,} tokens seen, held-out perplexity {summary['val_perplexity']:.1f}; "
+          f"wrote {out}")
+    if args.register:
+        manifest = register_checkpoint(params.registry.uri, params.foundation.name, out)
+        print(f"registered {manifest['name']}:{manifest['version']} in {params.registry.uri}; continue tasks from it "
+              f"with --set pretrain.init_from=registry:{manifest['name']}@latest")
+
+
 def cmd_registry(args: argparse.Namespace) -> None:
     from components.registry import ModelRef, Registry
 
@@ -104,9 +126,11 @@ def cmd_registry(args: argparse.Namespace) -> None:
             for version in registry.versions(name):
                 manifest = registry.manifest(name, version)
                 aliases = ",".join(sorted(by_version.get(version, [])))
-                rows.append({"model": name, "version": version, "aliases": aliases,
-                             "test_accuracy": f"{manifest['metrics']['test_accuracy']:.4f}",
-                             "test_macro_f1": f"{manifest['metrics']['test_macro_f1']:.4f}",
+                metrics = manifest.get("metrics", {})
+                rows.append({"model": name, "version": version, "kind": manifest.get("kind", ""), "aliases": aliases,
+                             "test_accuracy": score(metrics, "test_accuracy"),
+                             "test_macro_f1": score(metrics, "test_macro_f1"),
+                             "val_perplexity": score(metrics, "val_perplexity", ".1f"),
                              "created": manifest["created"], "git_commit": (manifest.get("git_commit") or "")[:8]})
         print_table(rows)
     elif args.action == "show":
@@ -155,9 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
     generate.set_defaults(handler=cmd_generate)
 
+    foundation = verbs.add_parser("foundation", help="pre-train a broad foundation model on a large corpus")
+    foundation.add_argument("--set", action="append", default=[], metavar="foundation.KEY=VALUE",
+                            help="override one param (repeatable), e.g. foundation.corpus.paths='[corpus/*.parquet]'")
+    foundation.add_argument("--out", default="models/foundation", help="checkpoint folder to write")
+    foundation.add_argument("--register", action="store_true",
+                            help="also register it in registry.uri as foundation.name")
+    foundation.set_defaults(handler=cmd_foundation)
+
     notify = verbs.add_parser("notify", help="announce new data: starts the retrain/on-new-data deployment")
     notify.add_argument("name", nargs="?", default="labeled", help="which data changed (default: labeled)")
-    notify.add_argument("--path", help="where the new data is, recorded in the event")
+    notify.add_argument("--path", help="where the new labeled data is: the run reads it instead of "
+                        "data.labeled.path")
     notify.set_defaults(handler=cmd_notify)
 
     registry = verbs.add_parser("registry", help="list, show, promote or roll back registered models")

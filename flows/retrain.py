@@ -123,13 +123,17 @@ def run_training_stage(deployment: str, name: str, push: bool, params: Params, w
 
 @flow(name="retrain", log_prints=True)
 def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False,
-            training_deployment: str | None = None, isolate: bool = False) -> dict:
+            training_deployment: str | None = None, isolate: bool = False, data_path: str | None = None) -> dict:
     """Run the dvc.yaml stages (unchanged ones are skipped) and register the classifier. The run's params are
     written to params.yaml first, so that dvc.lock records exactly what ran; with `push`, every stage's
     outputs go to the DVC remote as soon as the stage ends; with `training_deployment` (e.g. `stage/gpu`),
     pre-training and fine-tuning run as subflows of that deployment, on its work pool; with `isolate`, the
     run works in a git worktree of its own (several runs at once, sharing the DVC cache and the registry),
-    removed once the model is registered."""
+    removed once the model is registered; with `data_path` (the on-new-data trigger passes the path from
+    `gptpipe notify --path`), the labeled data is read from there instead of `data.labeled.path`."""
+    if data_path:
+        params = params.model_copy(deep=True)
+        params.data.labeled.path = data_path
     checkout = Path(repo).resolve()
     logger = get_run_logger()
     workspace = str(flow_run.id) if isolate else None

@@ -19,6 +19,7 @@ from components.params import Params, to_yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 60
+FOUNDATION = Path("models/foundation")
 # Registry downloads are cached per user; keep the suite's apart from the user's own.
 os.environ["GPTPIPE_CACHE"] = tempfile.mkdtemp(prefix="gptpipe-test-cache-")
 
@@ -27,7 +28,7 @@ TINY_PARAMS = {
     "data": {"labeled": {"path": "labeled.csv"}},
     "tokenizer": {"vocab_size": 320},
     "model": {"n_layer": 2, "n_head": 2, "d_model": 16, "context_length": 32},
-    "pretrain": {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "val_every_n_steps": 3, "val_batches": 2,
+    "pretrain": {"init_from": "scratch", "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "val_every_n_steps": 3, "val_batches": 2,
                  "checkpoint_every_n_steps": 3, "precision": "32-true"},
     "finetune": {"epochs": 1, "batch_size": 8, "precision": "32-true"},
     "evaluate": {"baselines": ["tfidf_logreg", "zero_shot"], "zero_shot_text_tokens": 8},
@@ -139,6 +140,7 @@ def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> 
                                     "*.egg-info", ".pytest_cache", ".ruff_cache", "storage", "site", "tmp", "cache",
                                     "dvc.lock")
     shutil.copytree(ROOT, target, ignore=ignore)
+    shutil.copytree(ROOT / FOUNDATION, target / FOUNDATION)  # shipped in git, as a clone has it
     for generated in (target / "reports").glob("*.*"):
         generated.unlink()
     # Every key written out: DVC requires each param a stage lists to be present in params.yaml.

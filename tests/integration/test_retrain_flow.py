@@ -98,17 +98,22 @@ def test_changed_param_reruns_only_downstream(first_run):
     assert "registered bbc:2" in result.stdout
 
 
-def test_finetune_from_a_registered_foundation(first_run):
+def test_continue_from_a_registered_foundation(first_run):
     project, env, _ = first_run
     foundation = json.loads((project / "registry/bbc-foundation/versions/1.json").read_text())
     assert "model.safetensors" in foundation["files"] and "config.json" in foundation["files"]
-    result = gptpipe("run", "--set", "finetune.init_from=registry:bbc-foundation:1", cwd=project, env=env)
+    result = gptpipe("run", "--set", "pretrain.init_from=registry:bbc-foundation:1", cwd=project, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "stages run: pretrain, finetune, evaluate" in result.stdout
-    assert sorted(p.name for p in (project / "registry/bbc-foundation/versions").iterdir()) == ["1.json"]
+    assert "pretrain, finetune, evaluate" in result.stdout
+    # The run continued version 1 on the task's text: the result is a new foundation version naming its parent.
+    assert sorted(p.name for p in (project / "registry/bbc-foundation/versions").iterdir()) == ["1.json", "2.json"]
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["pretrain"]["foundation"]["name"] == "bbc-foundation"
+    assert metrics["pretrain"]["foundation"]["version"] == 1
     newest = max(int(p.stem) for p in (project / "registry/bbc/versions").iterdir())
     manifest = json.loads((project / f"registry/bbc/versions/{newest}.json").read_text())
-    assert manifest["foundation"]["name"] == "bbc-foundation" and manifest["foundation"]["version"] == 1
+    assert manifest["foundation"]["version"] == 2
+    assert manifest["foundation"]["continued_from"]["version"] == 1
 
 
 def test_bad_input_exits_2_and_writes_nothing(prefect_api, tmp_path):
