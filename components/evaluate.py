@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -41,6 +42,7 @@ from components.params import Params, load_params
 ZERO_SHOT_PROMPT = "\nThis text is about"
 ECE_BINS = 15
 MISTAKES = 10
+PROGRESS_SECONDS = 10.0  # a progress line at most this often from a long evaluate step
 
 
 def resampled_scores(truth: np.ndarray, predicted: np.ndarray, classes: int,
@@ -124,24 +126,38 @@ def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str
 
 
 @torch.no_grad()
-def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str], text_tokens: int) -> list[str]:
+def label_logprobs(lm: GPT, prefix: list[int], label_ids: torch.Tensor, label_lengths: torch.Tensor) -> torch.Tensor:
+    """log P(label | prefix) for every label at once: the prefix runs once, and all labels continue from its
+    keys and values in one batch (label_ids (L, K) right-padded, label_lengths (L,))."""
+    states, past = lm.hidden_states(torch.tensor([prefix]))
+    first = F.log_softmax(lm.lm_head(states[0, -1]).float(), dim=-1)[label_ids[:, 0]]  # (L,)
+    if label_ids.size(1) == 1:
+        return first
+    continued, _ = lm.hidden_states(label_ids[:, :-1], past)
+    rest = F.log_softmax(lm.lm_head(continued).float(), dim=-1).gather(-1, label_ids[:, 1:, None])[..., 0]  # (L, K-1)
+    real = torch.arange(1, label_ids.size(1))[None, :] < label_lengths[:, None]
+    return first + (rest * real).sum(dim=1)
+
+
+def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str], text_tokens: int,
+              log=print) -> list[str]:
     """Prompt the pre-trained LM with each label name after the text and pick the most likely one, each score
     taken relative to the label's likelihood with no text, so that a label that is merely frequent does not win."""
     lm.eval()
-    label_ids = [tokenizer.encode(" " + label).ids for label in labels]
+    encoded_labels = [tokenizer.encode(" " + label).ids for label in labels]
+    lengths = torch.tensor([len(ids) for ids in encoded_labels])
+    label_ids = torch.tensor([ids + [0] * (int(lengths.max()) - len(ids)) for ids in encoded_labels])
     prompt_ids = tokenizer.encode(ZERO_SHOT_PROMPT).ids
-
-    def label_logprobs(prefix: list[int]) -> list[float]:
-        sequences = [(prefix + prompt_ids + ids)[-lm.config.context_length:] for ids in label_ids]
-        width = max(len(s) for s in sequences)
-        batch = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
-        logprobs = F.log_softmax(lm(batch).float(), dim=-1)
-        return [sum(logprobs[row, len(s) - len(ids) - 1 + k, tok].item() for k, tok in enumerate(ids))
-                for row, (s, ids) in enumerate(zip(sequences, label_ids, strict=True))]
-
-    prior = np.array(label_logprobs([]))
-    encoded = tokenizer.encode_batch_fast(texts)
-    return [labels[int(np.argmax(np.array(label_logprobs(e.ids[:text_tokens])) - prior))] for e in encoded]
+    room = lm.config.context_length - len(prompt_ids) - label_ids.size(1)
+    prior = label_logprobs(lm, prompt_ids, label_ids, lengths)
+    guesses, reported = [], time.monotonic()
+    for index, encoding in enumerate(tokenizer.encode_batch_fast(texts)):
+        prefix = encoding.ids[:min(text_tokens, room)] + prompt_ids
+        guesses.append(labels[int((label_logprobs(lm, prefix, label_ids, lengths) - prior).argmax())])
+        if time.monotonic() - reported > PROGRESS_SECONDS:
+            log(f"evaluate: zero-shot {index + 1}/{len(texts)} texts")
+            reported = time.monotonic()
+    return guesses
 
 
 def per_class_sample(train: pl.DataFrame, labels: list[str], count: int, seed: int) -> pl.DataFrame:
@@ -166,6 +182,7 @@ class LabelEfficiency:
         if (init, per_class) in self.runs:
             return self.runs[(init, per_class)]
         params, labels = self.params, self.reader.labels
+        print(f"evaluate: fine-tuning the {init} model on {per_class or 'all'} labels per class", flush=True)
         torch.manual_seed(params.seed)
         backbone = load_backbone(self.pretrained)
         if init == "scratch":
@@ -260,6 +277,7 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
         metrics["baselines"]["tfidf_logreg"] = {"test": scores(truth, tfidf_logreg(train, test, params.seed), labels,
                                                                cfg.bootstrap_samples, params.seed)}
     if "zero_shot" in cfg.baselines:
+        print(f"evaluate: zero-shot prompting with {len(labels)} label names on {len(truth)} texts", flush=True)
         guesses = zero_shot(load_backbone(pretrained), classifier.tokenizer, test["text"].to_list(), labels,
                             cfg.zero_shot_text_tokens)
         metrics["baselines"]["zero_shot"] = {"test": scores(truth, guesses, labels, cfg.bootstrap_samples,

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+KeyValues = tuple[torch.Tensor, torch.Tensor]  # one layer's attention keys and values, each (B, nh, T, hs)
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -29,13 +31,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
+        """`past`: keys and values of earlier tokens (batch 1 or B), which every new token may attend to."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask, causal = None, True
+        if past is not None:
+            P = past[0].size(2)
+            k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)  # (B, nh, P + T, hs)
+            v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
 class MLP(nn.Module):
@@ -57,9 +67,10 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x))
-        return x + self.mlp(self.ln_mlp(x))
+    def forward(self, x: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
+        attended, cache = self.attn(self.ln_attn(x), past)
+        x = x + attended
+        return x + self.mlp(self.ln_mlp(x)), cache
 
 
 class GPT(nn.Module):
@@ -93,18 +104,24 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.pos_emb.weight.numel() if non_embedding else total
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.size(1)
+    def hidden_states(self, idx: torch.Tensor, past: list[KeyValues] | None = None
+                      ) -> tuple[torch.Tensor, list[KeyValues]]:
+        """Final states of `idx` (B, T), and each layer's keys and values; with `past` (from an earlier call on
+        the tokens before `idx`), the new tokens continue that prefix without recomputing it."""
+        start = past[0][0].size(2) if past else 0
+        T = start + idx.size(1)
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+        caches = []
+        for layer, block in enumerate(self.blocks):
+            x, cache = block(x, past[layer] if past else None)
+            caches.append(cache)
+        return self.ln_f(x), caches
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx))  # (B, T, vocab)
+        return self.lm_head(self.hidden_states(idx)[0])  # (B, T, vocab)
 
     def flops_per_token(self) -> int:
         """nanoGPT's estimate for one forward and backward pass: 6N + 12 L H Q T."""
@@ -140,7 +157,7 @@ class Classifier(nn.Module):
         batch = idx.size(0)
         flat_idx, flat_mask = idx.reshape(-1, idx.size(-1)), mask.reshape(-1, mask.size(-1))
         rows = flat_mask.any(dim=1).nonzero().squeeze(1)  # windows holding text; padding windows cost nothing
-        states = self.backbone.hidden_states(flat_idx[rows])  # (N, T, C)
+        states = self.backbone.hidden_states(flat_idx[rows])[0]  # (N, T, C)
         pooled = self.pool(states, flat_mask[rows])
         windows = pooled.new_zeros(flat_idx.size(0), pooled.size(1)).index_copy(0, rows, pooled)
         windows = windows.view(batch, -1, pooled.size(1))  # (B, K, C)

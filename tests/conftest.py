@@ -28,8 +28,8 @@ TINY_PARAMS = {
     "data": {"labeled": {"path": "labeled.csv"}},
     "tokenizer": {"vocab_size": 320},
     "model": {"n_layer": 2, "n_head": 2, "d_model": 16, "context_length": 32},
-    "pretrain": {"init_from": "scratch", "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "val_every_n_steps": 3, "val_batches": 2,
-                 "checkpoint_every_n_steps": 3, "precision": "32-true"},
+    "pretrain": {"init_from": "scratch", "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "val_every_n_steps": 3,
+                 "val_batches": 2, "checkpoint_every_n_steps": 3, "precision": "32-true"},
     "finetune": {"epochs": 1, "batch_size": 8, "precision": "32-true"},
     "evaluate": {"baselines": ["tfidf_logreg", "zero_shot"], "zero_shot_text_tokens": 8},
 }

@@ -172,7 +172,7 @@ def test_long_texts_are_read_in_windows():
     ids = torch.randint(0, TINY.vocab_size, (1, 2, TINY.context_length))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        states = torch.cat([classifier.backbone.hidden_states(ids[:, k]) for k in range(2)], dim=1)
+        states = torch.cat([classifier.backbone.hidden_states(ids[:, k])[0] for k in range(2)], dim=1)
         assert torch.allclose(classifier(ids, mask), classifier.head(states.mean(dim=1)), atol=1e-5)
         # a one-window text batched beside a two-window one: its padding window changes nothing
         short = torch.zeros_like(ids)
