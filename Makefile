@@ -6,13 +6,28 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint lock clean
+# The UI test drives headless Chromium; the team-stack test validates the compose file with docker-compose.
+SYSTEM_TOOLS := chromium docker-compose
+
+.PHONY: run test lint lock clean system-tools
 
 run: $(STAMP)
 	$(BIN)/gptpipe run
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(BIN)/pytest
+
+# Installed with apt-get where this runs as root on Debian/Ubuntu; elsewhere named, with the command to run.
+system-tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make test: installing$$missing (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	  else \
+	    echo "make test: needs$$missing; install them first, e.g. sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check components flows tests benchmarks

@@ -1,0 +1,108 @@
+"""Quality on labeled sets other than BBC News: the pipeline (`dvc repro`, the same stages `make run` runs) on each
+set's official train/test split, once continuing the shipped foundation (the default) and once pre-training on
+the task's text only at the same step budget; prints one JSON table and writes it to --out as each set finishes.
+
+    python benchmarks/devsets.py --devsets ../shared/devsets [--only trec ag_news] [--out reports/devsets.json]
+
+Each row: test accuracy and macro-F1 at 10 labels per class and on all labels for the foundation recipe
+(`foundation`), task-only pre-training (`task_only`), the same model without pre-training (`scratch`, 10 per
+class), TF-IDF + logistic regression (`tfidf_logreg`) and zero-shot prompting of the continued foundation.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from components.atomic import write_json_atomic
+from components.params import Params, apply_overrides, read_raw, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ["components", "dvc.yaml", ".dvc/config", ".dvcignore", "models/foundation"]
+RECIPES = {
+    "foundation": [],  # params.yaml as shipped: continue the foundation on the task's text
+    "task_only": ["pretrain.init_from=scratch", "pretrain.learning_rate=0.001", "pretrain.warmup_steps=25",
+                  "evaluate.baselines=[]", "evaluate.label_budgets=[10]"],
+}
+
+
+def make_project(target: Path, devset: Path) -> Path:
+    for name in COPIED:
+        source, destination = ROOT / name, target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, destination)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "benchmark"]):
+        subprocess.run(command, cwd=target, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b",
+                            "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"})
+    return target
+
+
+def run_recipe(project: Path, devset: Path, overrides: list[str], log) -> dict:
+    raw = apply_overrides(read_raw(ROOT / "params.yaml"),
+                          [f"data.labeled.path={devset / 'train.csv'}", f"data.test.path={devset / 'test.csv'}",
+                           "evaluate.bootstrap_samples=10", *overrides])
+    (project / "params.yaml").write_text(to_yaml(Params.model_validate(raw)))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    started = time.perf_counter()
+    with (project / "repro.log").open("a") as out:
+        done = subprocess.run(["dvc", "repro", "evaluate"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"dvc repro failed for {devset.name}; see {project / 'repro.log'}")
+    log(f"{devset.name}: {' '.join(overrides) or 'defaults'} took {time.perf_counter() - started:.0f}s")
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    curve = json.loads((project / "reports/label_efficiency.json").read_text())
+    return {"metrics": metrics, "curve": curve, "seconds": time.perf_counter() - started}
+
+
+def scores(result: dict) -> dict:
+    return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
+
+
+def devset_row(devset: Path, workdir: Path, log) -> dict:
+    project = make_project(workdir / devset.name, devset)
+    base = run_recipe(project, devset, RECIPES["foundation"], log)
+    narrow = run_recipe(project, devset, RECIPES["task_only"], log)
+    at10 = next(row for row in base["curve"] if row["labels_per_class"] == 10)
+    narrow10 = next(row for row in narrow["curve"] if row["labels_per_class"] == 10)
+    baselines = base["metrics"]["baselines"]
+    return {
+        "devset": devset.name, "classes": len(base["metrics"]["finetune"]["test"]["per_class"]),
+        "at_10_per_class": {"foundation": scores(at10["pretrained"]), "task_only": scores(narrow10["pretrained"]),
+                            "scratch": scores(at10["scratch"]), "tfidf_logreg": scores(at10["tfidf_logreg"])},
+        "all_labels": {"foundation": scores(base["metrics"]["finetune"]["test"]),
+                       "task_only": scores(narrow["metrics"]["finetune"]["test"]),
+                       "tfidf_logreg": scores(baselines["tfidf_logreg"]["test"])},
+        "zero_shot": scores(baselines["zero_shot"]["test"]),
+        "foundation_val_perplexity": round(base["metrics"]["pretrain"]["val_perplexity"], 1),
+        "task_only_val_perplexity": round(narrow["metrics"]["pretrain"]["val_perplexity"], 1),
+        "seconds": {"foundation": round(base["seconds"]), "task_only": round(narrow["seconds"])},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devsets", type=Path, default=ROOT.parent / "shared/devsets")
+    parser.add_argument("--only", nargs="*", help="devset folder names (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports/devsets.json")
+    args = parser.parse_args()
+    names = args.only or sorted(p.name for p in args.devsets.iterdir() if (p / "train.csv").exists())
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    rows = [row for row in rows if row["devset"] not in names]
+    with tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as workdir:
+        for name in names:
+            rows.append(devset_row(args.devsets / name, Path(workdir), lambda line: print(line, file=sys.stderr)))
+            write_json_atomic(args.out, rows)
+    print(json.dumps({"params": yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"], "devsets": rows},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
