@@ -20,7 +20,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from components.errors import InputError
-from components.sources import s3_client, split_s3_uri
+from components.sources import s3_client, s3_error, split_s3_uri
 
 LATEST = "latest"
 CHAMPION = "champion"
@@ -140,8 +140,7 @@ class Registry:
         try:
             return fn(*args)
         except (BotoCoreError, ClientError) as error:
-            raise InputError(f"registry {self.uri}: cannot {action} ({error}); check AWS credentials, "
-                             "AWS_ENDPOINT_URL and that the bucket exists") from None
+            raise s3_error(f"registry {self.uri} ({action})", error) from None
 
     def models(self) -> list[str]:
         return sorted({key.split("/")[0] for key in self._call("list", self.store.keys, "") if "/versions/" in key})

@@ -20,7 +20,7 @@ import fsspec
 import polars as pl
 import pyarrow.parquet as pq
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
 from components.errors import InputError
 from components.params import BUILTIN_BBC_NEWS
@@ -54,10 +54,24 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_error(path: str, error: Exception) -> InputError:
+# Answers that retrying cannot change: the object, bucket or permission is wrong. Anything else (connection reset,
+# timeout, 5xx, throttling) is transient: boto3 retries it with backoff, then the step fails as an error that
+# Prefect retries, not as bad input.
+PERMANENT_S3_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "403", "AccessDenied", "AllAccessDisabled",
+                      "InvalidBucketName", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidObjectState"}
+
+
+class TransientStorageError(RuntimeError):
+    """The store did not answer (after boto3's own retries); the same call may succeed later."""
+
+
+def s3_error(path: str, error: Exception) -> Exception:
     reason = " ".join(str(error).split())
-    return InputError(f"{path}: cannot read from S3 ({reason}); check credentials, AWS_ENDPOINT_URL and that the "
-                      "object exists")
+    code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+    if code in PERMANENT_S3_CODES or isinstance(error, ParamValidationError | NoCredentialsError):
+        return InputError(f"{path}: cannot read from S3 ({reason}); check credentials, AWS_ENDPOINT_URL and that "
+                          "the object exists")
+    return TransientStorageError(f"{path}: S3 did not answer ({reason}) after retries; the step can be retried")
 
 
 def s3_keys(client, path: str) -> list[str]:

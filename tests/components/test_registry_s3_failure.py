@@ -7,6 +7,7 @@ import pytest
 
 from components.errors import InputError
 from components.registry import Registry
+from components.sources import TransientStorageError
 from tests.conftest import CuttableProxy
 
 
@@ -26,7 +27,7 @@ def test_registration_interrupted_mid_upload_leaves_no_version_and_retry_works(s
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     through_proxy = Registry(f"s3://{bucket}/models")
     started = time.monotonic()
-    with pytest.raises(InputError, match="cannot upload"):
+    with pytest.raises(TransientStorageError, match="upload.*did not answer"):
         through_proxy.register("news", model_folder, {"metrics": {"test_accuracy": 1, "test_macro_f1": 1}})
     assert time.monotonic() - started < 60  # bounded retries and timeouts, not minutes of hanging
     assert direct.versions("news") == []
@@ -35,3 +36,13 @@ def test_registration_interrupted_mid_upload_leaves_no_version_and_retry_works(s
     assert manifest["version"] == 1 and direct.versions("news") == [1]
     copy = direct.fetch(direct.resolve("news@latest"))
     assert (copy / "model.safetensors").read_bytes() == (model_folder / "model.safetensors").read_bytes()
+
+
+def test_a_dead_store_is_transient_and_a_missing_object_is_bad_input(s3_server, bucket, monkeypatch):
+    with pytest.raises(InputError, match="no alias"):
+        Registry(f"s3://{bucket}/models").resolve("news@champion")
+    proxy = CuttableProxy(int(s3_server.rsplit(":", 1)[1]))
+    proxy.drop()  # every connection refused from now on, as by a store that went away
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    with pytest.raises(TransientStorageError, match="did not answer"):
+        Registry(f"s3://{bucket}/models").resolve("news@champion")
