@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from components.params import Params, to_yaml
-from components.registry import CHALLENGER, CHAMPION, LATEST, Registry, promotion_decision
+from components.registry import CHALLENGER, CHAMPION, LATEST, Registry, moved_to, promotion_decision
 
 
 def git_state(repo: Path) -> dict:
@@ -108,9 +108,16 @@ def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
               "foundation": foundation, **summary}
     if not new:
         return {**result, "alias": LATEST, "reason": "unchanged, already registered"}
-    champion_version = registry.aliases(name).get(CHAMPION)
-    champion = registry.manifest(name, champion_version) if champion_version else None
-    gate = params.registry
-    promote, reason = promotion_decision(manifest, champion, gate.promotion_tolerance, gate.max_class_f1_drop)
-    registry.set_alias(name, CHAMPION if promote else CHALLENGER, manifest["version"])
-    return {**result, "alias": CHAMPION if promote else CHALLENGER, "reason": reason}
+    gate, decision = params.registry, {}
+
+    def promote_if_better(record: dict | None) -> dict | None:
+        # Decided against the champion as it is at the moment of the write (compare-and-swap in update_alias).
+        champion = registry.manifest(name, record["version"]) if record else None
+        decision["promote"], decision["reason"] = promotion_decision(manifest, champion, gate.promotion_tolerance,
+                                                                     gate.max_class_f1_drop)
+        return moved_to(record, manifest["version"]) if decision["promote"] else None
+
+    registry.update_alias(name, CHAMPION, promote_if_better)
+    if not decision["promote"]:
+        registry.set_alias(name, CHALLENGER, manifest["version"])
+    return {**result, "alias": CHAMPION if decision["promote"] else CHALLENGER, "reason": decision["reason"]}

@@ -4,15 +4,18 @@ Layout under the registry root, per model name:
     NAME/blobs/<uuid>/...           the files of one version, uploaded first
     NAME/versions/<N>.json          the version's manifest, created once and never overwritten: a version
                                     exists only once this lands, so a crash mid-upload leaves nothing visible
-    NAME/aliases/<alias>.json       {"version": N}, replaced in one write (`latest` is implicit: the highest N)
+    NAME/aliases/<alias>.json       {"version": N, "previous": [...]}, moved by compare-and-swap (S3 If-Match,
+                                    a lock file locally); `latest` is implicit: the highest N
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from components.errors import InputError
 from components.sources import s3_client, s3_error, split_s3_uri
 
+ALIAS_WRITE_ATTEMPTS = 20
 LATEST = "latest"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -59,12 +63,28 @@ class LocalStore:
         path = self.root / key
         return path.read_bytes() if path.is_file() else None
 
+    def read(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object and a tag that changes whenever it is rewritten (for put_if)."""
+        data = self.get(key)
+        return data, hashlib.sha256(data).hexdigest() if data is not None else None
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Compare-and-swap: write only if the object still has `tag` (None: does not exist yet), under a lock
+        file so that another process's check and write cannot interleave with this one's."""
+        lock = self.root / ".locks" / f"{key}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if self.read(key)[1] != tag:
+                return False
+            return self.put(key, data)
+
     def keys(self, prefix: str) -> list[str]:
         base = self.root / prefix
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()
-                      and not p.name.startswith(".tmp-"))
+        return sorted(key for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+                      and not (key := str(p.relative_to(self.root))).startswith(".locks/"))
 
     def upload(self, key: str, file: Path) -> None:
         self.put(key, file.read_bytes())
@@ -96,6 +116,27 @@ class S3Store:
         except ClientError as error:
             if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None
+            raise
+
+    def read(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except ClientError as error:
+            if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return answer["Body"].read(), answer["ETag"]
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Compare-and-swap with S3 conditional writes: If-Match on the ETag read, If-None-Match to create."""
+        condition = {"IfMatch": tag} if tag else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **condition)
+            return True
+        except ClientError as error:
+            if error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey",
+                                                   "412", "409"):
+                return False
             raise
 
     def keys(self, prefix: str) -> list[str]:
@@ -179,25 +220,36 @@ class Registry:
         data = self._call("read", self.store.get, f"{name}/aliases/{alias}.json")
         return json.loads(data) if data else None
 
+    def update_alias(self, name: str, alias: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+        """Apply `change` to the alias record (None when it does not exist; returning None leaves it) as a
+        compare-and-swap: when another writer moved the alias in between, read it again and decide again, so two
+        promotions at once never both win and the history never loses an entry."""
+        key = f"{name}/aliases/{alias}.json"
+        for _ in range(ALIAS_WRITE_ATTEMPTS):
+            data, tag = self._call("read", self.store.read, key)
+            record = json.loads(data) if data else None
+            updated = change(record)
+            if updated is None:
+                return record
+            if self._call("write", self.store.put_if, key, json.dumps(updated).encode(), tag):
+                return updated
+        raise RuntimeError(f"registry {self.uri}: {name}@{alias} kept changing under {ALIAS_WRITE_ATTEMPTS} attempts")
+
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Point `alias` at `version`, remembering where it pointed before so that rollback can return."""
         if alias == LATEST:
             raise InputError("alias 'latest' always names the newest version and cannot be set")
         self.manifest(name, version)
-        record = self._alias_record(name, alias) or {"version": None, "previous": []}
-        previous = record["previous"] + ([record["version"]] if record["version"] is not None else [])
-        self._write_alias(name, alias, {"version": version, "previous": previous})
+        self.update_alias(name, alias, lambda record: moved_to(record, version))
 
     def rollback(self, name: str, alias: str = "champion") -> int:
         """Move `alias` back to the version it named before its last move; returns that version."""
-        record = self._alias_record(name, alias)
-        if not record or not record["previous"]:
-            raise InputError(f"registry {self.uri}: {name}@{alias} has no earlier version to roll back to")
-        self._write_alias(name, alias, {"version": record["previous"][-1], "previous": record["previous"][:-1]})
-        return record["previous"][-1]
+        def back(record: dict | None) -> dict:
+            if not record or not record["previous"]:
+                raise InputError(f"registry {self.uri}: {name}@{alias} has no earlier version to roll back to")
+            return {"version": record["previous"][-1], "previous": record["previous"][:-1]}
 
-    def _write_alias(self, name: str, alias: str, record: dict) -> None:
-        self._call("write", self.store.put, f"{name}/aliases/{alias}.json", json.dumps(record).encode())
+        return self.update_alias(name, alias, back)["version"]
 
     def register(self, name: str, folder: Path, metadata: dict) -> dict:
         """Upload every file in `folder`, then claim the next version number with a create-only write; a
@@ -240,6 +292,12 @@ class Registry:
         except OSError:  # another process cached it first
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+
+def moved_to(record: dict | None, version: int) -> dict:
+    record = record or {"version": None, "previous": []}
+    return {"version": version,
+            "previous": record["previous"] + ([record["version"]] if record["version"] is not None else [])}
 
 
 def promotion_decision(candidate: dict, champion: dict | None, tolerance: float,

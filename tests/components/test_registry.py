@@ -102,3 +102,49 @@ def test_promotion_gate():
     promoted, reason = promotion_decision(candidate(0.96, 0.8, 1.0), champion, 0.01, 0.05)
     assert not promoted and "class 'a' fell from 0.9000 to 0.8000" in reason
     assert promotion_decision(candidate(0.1, 0, 0), None, 0.01, 0.05) == (True, "no champion yet")
+
+
+def test_alias_moves_at_once_keep_every_entry_of_the_history(registry, model_folder):
+    for _ in range(8):
+        register(registry, model_folder)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda version: registry.set_alias("news", "champion", version), range(1, 9)))
+    record = json.loads(registry.store.get("news/aliases/champion.json"))
+    assert sorted(record["previous"] + [record["version"]]) == list(range(1, 9))  # no move was lost
+
+
+def promote_in_process(uri: str, alias: str, version: int, endpoint: str | None) -> int | None:
+    """One registration's promotion step, in a process of its own: champion only if no better one exists."""
+    import os
+
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    registry = Registry(uri)
+    candidate = registry.manifest("news", version)
+
+    def better(record):
+        champion = registry.manifest("news", record["version"]) if record else None
+        return {"version": version, "previous": []} if promotion_decision(candidate, champion, 0.0, 1.0)[0] else None
+
+    updated = registry.update_alias("news", alias, better)
+    return updated["version"] if updated else None
+
+
+def test_two_promotions_at_once_end_with_one_champion(registry, model_folder):
+    """Two processes each promote their version only if it beats the champion they see, starting with none:
+    with the writes compare-and-swapped the better one ends as champion whichever order they land in, every
+    time (check-then-write lets the worse one, landing second, overwrite it)."""
+    import multiprocessing
+    import os
+
+    for _ in range(5):
+        register(registry, model_folder, f1=0.5)
+        register(registry, model_folder, f1=0.9)
+    context = multiprocessing.get_context("spawn")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    for round_, (worse, better) in enumerate(((1, 2), (3, 4), (5, 6), (7, 8), (9, 10))):
+        alias = f"champion-{round_}"
+        with context.Pool(2) as pool:
+            pool.starmap(promote_in_process, [(registry.uri, alias, better, endpoint),
+                                              (registry.uri, alias, worse, endpoint)])
+        assert registry.resolve(f"news@{alias}")["version"] == better
