@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from components.pretrain import RandomWindows
 from components.training import warmup_cosine
@@ -72,11 +73,26 @@ def kill_after_first_checkpoint(project, env, saved=None, **pretrain) -> list[st
 
 
 def rerun_and_check_resumed(project, env, command) -> None:
+    """The resumed run ends where an uninterrupted run of the same params ends: same weights, same val loss
+    (data position, optimizer and schedule all restored)."""
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((project / "models/pretrained/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
     assert metrics["steps"] == 400
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"]["checkpoint_uri"] = None  # the uninterrupted run must not find the mirrored checkpoint
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([*command, "--out", "models/uninterrupted"], cwd=project, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole = json.loads((project / "models/uninterrupted/metrics.json").read_text())
+    assert whole["resumed_from_step"] == 0
+    assert metrics["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-4)
+    resumed, uninterrupted = (load_file(project / f"models/{name}/model.safetensors")
+                              for name in ("pretrained", "uninterrupted"))
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
