@@ -30,19 +30,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success it is flushed to disk and replaces `path` in
+    one rename, on failure removed. The one way files are written in place here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
+        yield staging
+        with staging.open("rb+") as file:
             os.fsync(file.fileno())
         os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as staging:
+        staging.write_bytes(data)
 
 
 def write_json_atomic(path: str | Path, value: Any) -> None:

@@ -12,7 +12,7 @@ from components.atomic import write_bytes_atomic
 from components.errors import InputError
 from components.inference import LoadedClassifier, load_classifier
 from components.registry import Registry
-from components.sources import TABLE_SUFFIXES, read_table, read_text_file
+from components.sources import TABLE_SUFFIXES, read_table, read_text_file, table_separator
 
 
 def load_registered(registry_uri: str, ref: str) -> tuple[LoadedClassifier, dict]:
@@ -59,5 +59,5 @@ def write_table(frame: pl.DataFrame, path: Path) -> None:
     elif suffix in (".jsonl", ".ndjson"):
         frame.write_ndjson(buffer)
     else:
-        frame.write_csv(buffer, separator="\t" if suffix == ".tsv" else ",")
+        frame.write_csv(buffer, separator=table_separator(suffix))
     write_bytes_atomic(path, buffer.getvalue())

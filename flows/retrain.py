@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
-from flows.stages import StageInputError, push_outputs, reproduce, stage_order
+from flows.stages import StageInputError, push_outputs, reproduce, restore_workspace, stage_order
 from flows.workspace import close_workspace, enter_workspace
 
 # Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
@@ -140,16 +140,25 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
     root, run_params = enter_workspace(checkout, workspace, params)
     if workspace:
         logger.info(f"working in {root}")
+    params_before = (root / PARAMS_FILE).read_bytes() if (root / PARAMS_FILE).exists() else None
     if write_params(root / PARAMS_FILE, run_params):
         logger.info("params.yaml updated with this run's params")
-    ran = {}
-    for name in stage_order(root):
-        if training_deployment and name in TRAINING_STAGES:
-            ran[name] = run_training_stage(training_deployment, name, push, params, workspace)
-            continue
-        ran[name] = run_stage.with_options(tags={"training"} if name in TRAINING_STAGES else set())(root, name)
-        if push:
-            push_stage(root, name)
+    ran, watchers = {}, set()
+    try:
+        for name, always_changed in stage_order(root):
+            if always_changed:
+                watchers.add(name)
+            if training_deployment and name in TRAINING_STAGES:
+                ran[name] = run_training_stage(training_deployment, name, push, params, workspace)
+                continue
+            ran[name] = run_stage.with_options(tags={"training"} if name in TRAINING_STAGES else set())(root, name)
+            if push:
+                push_stage(root, name)
+    except StageInputError:
+        # Bad input changes nothing: the last good params and outputs come back (DVC removed the failed
+        # stage's outputs before running it; dvc.lock still names them, and the cache has them).
+        restore_workspace(root, params_before, logger.info)
+        raise
     registered = register_model(run_params, root)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     publish_artifacts(root, metrics, registered)
@@ -157,4 +166,5 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")
     if workspace:
         close_workspace(checkout, root)
-    return {"stages_run": [name for name, did in ran.items() if did], "registered": registered, "metrics": metrics}
+    return {"stages_run": [name for name, did in ran.items() if did and name not in watchers],
+            "registered": registered, "metrics": metrics}

@@ -15,6 +15,7 @@ import networkx as nx
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
 
+from components.atomic import write_bytes_atomic
 from components.errors import ERROR_PREFIX
 
 PROGRESS_LOG_SECONDS = 15.0
@@ -26,12 +27,13 @@ class StageInputError(Exception):
     """A stage rejected its input (exit status 2); retrying cannot help."""
 
 
-def stage_order(repo: Path) -> list[str]:
-    """Pipeline stages of dvc.yaml, each after the stages it depends on."""
+def stage_order(repo: Path) -> list[tuple[str, bool]]:
+    """Pipeline stages of dvc.yaml, each after the stages it depends on, with whether it runs every time
+    (`always_changed`: it only looks at the data; what follows reruns only if its output changed)."""
     with Repo(str(repo)) as dvc_repo:
         graph = dvc_repo.index.graph  # edge: stage -> a stage it depends on
         stages = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
-        return [stage.name for stage in stages]
+        return [(stage.name, stage.always_changed) for stage in stages]
 
 
 def project_env() -> dict[str, str]:
@@ -76,7 +78,8 @@ def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = F
     """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first),
     streaming its output to `log`; returns whether the stage's command ran.
     Progress bars redraw with carriage returns: those lines are logged at most every few seconds."""
-    command = ["dvc", "repro", *(["--pull"] if pull else []), stage]
+    # Under flows.guard: if this process dies by any signal, dvc and the stage's training die with it.
+    command = [sys.executable, "-m", "flows.guard", "dvc", "repro", *(["--pull"] if pull else []), stage]
     process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True, env=project_env())
     ran, error_line, last_progress, pending = False, None, 0.0, b""
@@ -105,3 +108,12 @@ def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = F
             raise StageInputError(error_line.removeprefix(ERROR_PREFIX).strip())
         raise RuntimeError(f"dvc repro {stage} failed with exit status {code}; see the log above")
     return ran
+
+
+def restore_workspace(repo: Path, params_file: bytes | None, log: Callable[[str], None]) -> None:
+    """Put back params.yaml as it was before the run and the outputs dvc.lock records (from the DVC cache)."""
+    if params_file is not None:
+        write_bytes_atomic(repo / "params.yaml", params_file)
+    done = subprocess.run(["dvc", "checkout", "--force"], cwd=repo, env=project_env(), capture_output=True, text=True)
+    log("restored params.yaml and the last good outputs" if done.returncode == 0 else
+        f"could not restore the last outputs (dvc checkout: {done.stderr.strip()[-300:]})")
