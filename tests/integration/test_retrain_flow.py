@@ -154,4 +154,4 @@ def test_bad_input_exits_2_and_writes_nothing(prefect_api, tmp_path):
     result = gptpipe("run", cwd=project, env={"PREFECT_API_URL": prefect_api})
     assert result.returncode == 2
     assert "single class" in result.stderr and "labeled.csv" in result.stderr
-    assert not (project / "data").exists() and not (project / "registry").exists()
+    assert not (project / "data/prepared").exists() and not (project / "registry").exists()
