@@ -16,24 +16,21 @@ from prefect.runtime import flow_run
 from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
-from flows.stages import StageInputError, push_outputs, reproduce, restore_workspace, stage_order
+from flows.stages import (
+    StageInputError,
+    push_outputs,
+    reproduce,
+    restore_workspace,
+    retry_unless_bad_input,
+    stage_order,
+)
 from flows.workspace import close_workspace, enter_workspace
 
 # Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
 TRAINING_STAGES = {"pretrain", "finetune"}
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except StageInputError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(task_run_name="{stage}", retries=1, retry_condition_fn=_retry_unless_bad_input)
+@task(task_run_name="{stage}", retries=1, retry_condition_fn=retry_unless_bad_input)
 def run_stage(repo: Path, stage: str, pull: bool = False) -> bool:
     """Reproduce one stage; a retry after a crash resumes training from its last checkpoint."""
     logger = get_run_logger()

@@ -27,6 +27,17 @@ class StageInputError(Exception):
     """A stage rejected its input (exit status 2); retrying cannot help."""
 
 
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a crash or a transient failure, never input a retry cannot fix."""
+    try:
+        state.result()
+    except StageInputError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
 def stage_order(repo: Path) -> list[tuple[str, bool]]:
     """Pipeline stages of dvc.yaml, each after the stages it depends on, with whether it runs every time
     (`always_changed`: it only looks at the data; what follows reruns only if its output changed)."""
@@ -74,15 +85,14 @@ def stop_process_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False) -> bool:
-    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first),
-    streaming its output to `log`; returns whether the stage's command ran.
-    Progress bars redraw with carriage returns: those lines are logged at most every few seconds."""
-    # Under flows.guard: if this process dies by any signal, dvc and the stage's training die with it.
-    command = [sys.executable, "-m", "flows.guard", "dvc", "repro", *(["--pull"] if pull else []), stage]
-    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
+def run_guarded(command: list[str], repo: Path, log: Callable[[str], None],
+                on_line: Callable[[str], None] = lambda line: None) -> None:
+    """Run `command` under flows.guard (if this process dies by any signal, the command and all it started die
+    with it), streaming its output to `log`. Progress bars redraw with carriage returns: those lines are logged
+    at most every few seconds. A failure with the components' error line is bad input (StageInputError)."""
+    process = subprocess.Popen([sys.executable, "-m", "flows.guard", *command], cwd=repo, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True, env=project_env())
-    ran, error_line, last_progress, pending = False, None, 0.0, b""
+    error_line, last_progress, pending = None, 0.0, b""
     try:
         for chunk in iter(lambda: process.stdout.read1(65536), b""):
             pending += chunk
@@ -95,7 +105,7 @@ def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = F
                     if time.monotonic() - last_progress < PROGRESS_LOG_SECONDS:
                         continue
                     last_progress = time.monotonic()
-                ran = ran or line.startswith(f"Running stage '{stage}'")
+                on_line(line)
                 error_line = line if line.startswith(ERROR_PREFIX) else error_line
                 log(line)
         code = process.wait()
@@ -106,8 +116,20 @@ def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = F
     if code != 0:
         if error_line:
             raise StageInputError(error_line.removeprefix(ERROR_PREFIX).strip())
-        raise RuntimeError(f"dvc repro {stage} failed with exit status {code}; see the log above")
-    return ran
+        raise RuntimeError(f"{' '.join(command[:3])} failed with exit status {code}; see the log above")
+
+
+def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False) -> bool:
+    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first),
+    streaming its output to `log`; returns whether the stage's command ran."""
+    ran = []
+
+    def note(line: str) -> None:
+        if line.startswith(f"Running stage '{stage}'"):
+            ran.append(stage)
+
+    run_guarded(["dvc", "repro", *(["--pull"] if pull else []), stage], repo, log, note)
+    return bool(ran)
 
 
 def restore_workspace(repo: Path, params_file: bytes | None, log: Callable[[str], None]) -> None:
