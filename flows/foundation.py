@@ -1,7 +1,7 @@
 """The `foundation` flow: pre-train the broad foundation on whichever worker takes it, e.g. a GPU worker through
 the `foundation/gpu` deployment (infra/prefect.yaml); a retry resumes from the last (mirrored) checkpoint.
 
-    prefect deployment run foundation/gpu --param register=true
+    prefect deployment run foundation/gpu --param add_to_registry=true
 """
 
 import json
@@ -36,14 +36,14 @@ def register_foundation(root: Path, params: Params, out: str) -> dict:
 
 @flow(name="foundation", log_prints=True)
 def foundation(foundation: FoundationParams = CHECKOUT_PARAMS.foundation, repo: str = ".",
-               out: str = "models/foundation", register: bool = False) -> dict:
+               out: str = "models/foundation", add_to_registry: bool = False) -> dict:
     """Pre-train a foundation on `foundation.corpus.paths` (local, s3:// or hf:// paths the worker can read)
-    into `out`; with `register`, add it to registry.uri as `foundation.name` for tasks to continue from."""
+    into `out`; with `add_to_registry`, add it to registry.uri as `foundation.name` for tasks to continue from."""
     root = Path(repo).resolve()
     params = CHECKOUT_PARAMS.model_copy(update={"foundation": foundation})
     summary = pretrain_foundation(root, params, out)
     print(f"foundation: {summary['tokens_seen']:,} tokens seen, held-out perplexity {summary['val_perplexity']:.1f}")
-    if register:
+    if add_to_registry:
         manifest = register_foundation(root, params, out)
         print(f"registered {manifest['name']}:{manifest['version']} in {params.registry.uri}")
     return {"tokens_seen": summary["tokens_seen"], "val_perplexity": summary["val_perplexity"],

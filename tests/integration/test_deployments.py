@@ -12,11 +12,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
 from components.params import apply_overrides, validate
-from tests.conftest import BIN, ROOT, TINY_PARAMS, gptpipe, make_project, stop
+from tests.conftest import BIN, ROOT, TINY_PARAMS, gptpipe, make_project, stop, support_tickets
 
 pytestmark = pytest.mark.integration
 RUN_TIMEOUT = 420
@@ -79,7 +80,10 @@ def test_retrain_deployments_with_schedule_and_typed_form(prefect_api, deployed)
     schema = default["parameter_openapi_schema"]
     assert schema["properties"]["params"]["$ref"] == "#/definitions/Params"
     pretrain = schema["definitions"]["PretrainParams"]["properties"]
-    assert pretrain["max_steps"]["type"] == "integer" and pretrain["max_steps"]["minimum"] == 1
+    assert pretrain["max_steps"]["type"] == "integer" and pretrain["max_steps"]["minimum"] == 0
+    foundation = api(prefect_api, "GET", "/deployments/name/foundation/gpu")
+    assert foundation["work_pool_name"] == "gpu"
+    assert "corpus" in foundation["parameter_openapi_schema"]["definitions"]["FoundationParams"]["properties"]
     assert schema["properties"]["params"]["default"]["pretrain"]["max_steps"] == TINY_PARAMS["pretrain"]["max_steps"]
 
 
@@ -172,7 +176,9 @@ def test_cancelling_a_run_stops_its_training_processes(prefect_api, deployed):
 def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
     project, env = deployed
     on_new_data = deployment(prefect_api, "on-new-data")
-    result = gptpipe("notify", "labeled", "--path", "labeled.csv", cwd=project, env={"PREFECT_API_URL": prefect_api})
+    pl.DataFrame(support_tickets(seed=3)).write_csv(project / "new-labeled.csv")
+    result = gptpipe("notify", "labeled", "--path", "new-labeled.csv", cwd=project,
+                     env={"PREFECT_API_URL": prefect_api})
     assert result.returncode == 0, result.stderr
     deadline = time.monotonic() + 120
     runs = []
@@ -181,6 +187,7 @@ def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
                    {"flow_runs": {"deployment_id": {"any_": [on_new_data["id"]]}}})
         time.sleep(1)
     assert runs, "the event did not start a run of retrain/on-new-data"
+    assert runs[0]["parameters"]["data_path"] == "new-labeled.csv"  # the run reads the announced file
     assert wait_for_final_state(prefect_api, runs[0]["id"])["state"]["type"] == "COMPLETED"
 
 
