@@ -1,0 +1,53 @@
+"""Every command the README shows a user (each `.venv/bin/...` line of its sh blocks) runs, in order, in a fresh
+copy of the project after a tiny `make run`, and succeeds: the README cannot drift from the code."""
+
+import os
+import re
+import shlex
+import subprocess
+
+import polars as pl
+import pytest
+
+from components.params import Params, to_yaml
+from tests.conftest import BIN, ROOT, TINY_PARAMS, gptpipe, make_project, support_tickets
+
+pytestmark = pytest.mark.integration
+
+# The foundation command of the README on a tiny corpus and model, so that it runs in seconds.
+TINY_FOUNDATION = {"tokenizer": {"vocab_size": 320, "train_max_mb": 1},
+                   "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "context_length": 16},
+                   "pretrain": {"init_from": "scratch", "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
+                                "val_every_n_steps": 2, "val_batches": 2, "precision": "32-true"}}
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith(".venv/bin/")]
+
+
+def test_readme_shows_the_commands_a_user_needs():
+    verbs = {shlex.split(command, comments=True)[1] for command in readme_commands()
+             if command.startswith(".venv/bin/gptpipe")}
+    assert {"run", "predict", "registry", "generate", "foundation"} <= verbs
+    assert any(command.startswith(".venv/bin/dvc repro") for command in readme_commands())
+
+
+def test_every_readme_command_works(prefect_api, tmp_path):
+    params = {**TINY_PARAMS, "foundation": TINY_FOUNDATION}
+    project = make_project(tmp_path / "project", params)
+    (project / "params.yaml").write_text(to_yaml(Params.model_validate(params)))
+    env = {"PREFECT_API_URL": prefect_api}
+    first = gptpipe("run", cwd=project, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    pl.DataFrame({"body": ["refund my invoice", "cannot login"]}).write_csv(project / "texts.csv")
+    pl.DataFrame({"text": ["the page crashes", "password reset"]}).write_parquet(project / "texts.parquet")
+    (project / "corpus").mkdir()
+    tickets = pl.DataFrame(support_tickets(rows_per_label=30)).select("text")
+    tickets.write_parquet(project / "corpus/tickets-00000.parquet")
+    run_env = {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for command in readme_commands():
+        words = [str(BIN / word.removeprefix(".venv/bin/")) if word.startswith(".venv/bin/") else word
+                 for word in shlex.split(command, comments=True)]
+        done = subprocess.run(words, cwd=project, capture_output=True, text=True, timeout=600, env=run_env)
+        assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}"
