@@ -52,7 +52,7 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: int = Field(4096, ge=300, le=1 << 20,
+    vocab_size: int = Field(8192, ge=300, le=1 << 20,
                             description="Byte-level BPE vocabulary, special tokens included; ids are uint16 up to "
                             "65,536, else uint32.")
     min_frequency: int = Field(2, ge=1, description="A merge must occur this often to be learned.")
@@ -89,14 +89,14 @@ class PretrainParams(Section):
         "registered foundation `registry:NAME@ALIAS` / `registry:NAME:VERSION`, or `scratch` (random weights, "
         "a BPE trained on the task's text). A foundation's tokenizer and shape are kept; `model.*` applies to "
         "scratch only.")
-    max_steps: int = Field(250, ge=0, description="Optimizer steps; 0 keeps the starting foundation as it is.")
-    learning_rate: float = Field(1e-3, gt=0)
-    min_learning_rate: float = Field(1e-4, ge=0, description="Floor of the cosine schedule.")
-    warmup_steps: int = Field(25, ge=0)
+    max_steps: int = Field(150, ge=0, description="Optimizer steps; 0 keeps the starting foundation as it is.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (from scratch, 1e-3 trains faster).")
+    min_learning_rate: float = Field(5e-5, ge=0, description="Floor of the cosine schedule.")
+    warmup_steps: int = Field(15, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
     precision: Precision = Field("auto", description=PRECISION_HELP)
-    val_every_n_steps: int = Field(125, ge=1)
+    val_every_n_steps: int = Field(75, ge=1)
     val_batches: int = Field(20, ge=1, description="Batches per validation pass.")
     checkpoint_every_n_steps: int = Field(50, ge=1, description="Resume point after a crash or kill.")
     checkpoint_uri: str | None = Field(
