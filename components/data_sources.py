@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from components import layout
 from components.atomic import write_json_atomic
 from components.errors import exit_on_input_error
 from components.params import BUILTIN_BBC_NEWS, Params, load_params
@@ -39,7 +40,7 @@ def data_sources(params: Params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, default=Path("data/sources.json"))
+    parser.add_argument("--out", type=Path, default=layout.SOURCES)
     args = parser.parse_args()
     sources = data_sources(load_params(args.params))
     old = json.loads(args.out.read_text()) if args.out.exists() else None

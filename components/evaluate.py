@@ -31,6 +31,7 @@ from sklearn.metrics import (
 )
 from tokenizers import Tokenizer
 
+from components import layout
 from components.atomic import write_bytes_atomic, write_json_atomic
 from components.errors import exit_on_input_error
 from components.finetune import finetune
@@ -287,24 +288,24 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
     if "scratch" in cfg.baselines:
         metrics["baselines"]["scratch"] = runs.score("scratch", cfg.scratch_labels_per_class)
     # reports
-    plot_confusion(truth, predicted, labels, out / "confusion_matrix.png",
+    plot_confusion(truth, predicted, labels, out / layout.CONFUSION_PLOT.name,
                    f"Fine-tuned GPT on {len(truth)} test texts: accuracy {finetuned['accuracy']:.3f}")
-    write_json_atomic(out / "label_efficiency.json", curve)
-    plot_label_efficiency(curve, len(labels), out / "label_efficiency.png")
-    write_bytes_atomic(out / "mistakes.md", confident_mistakes(test, probs, labels).encode())
+    write_json_atomic(out / layout.LABEL_EFFICIENCY.name, curve)
+    plot_label_efficiency(curve, len(labels), out / layout.LABEL_EFFICIENCY_PLOT.name)
+    write_bytes_atomic(out / layout.MISTAKES.name, confident_mistakes(test, probs, labels).encode())
     splits = {"train": train.height, "val": pl.read_parquet(prepared / "val.parquet").height, "test": test.height}
-    write_bytes_atomic(out / "model_card.md", model_card(params, metrics, curve, splits, labels).encode())
-    write_json_atomic(out / "metrics.json", metrics)
+    write_bytes_atomic(out / layout.MODEL_CARD.name, model_card(params, metrics, curve, splits, labels).encode())
+    write_json_atomic(out / layout.METRICS.name, metrics)
     return metrics
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"))
-    parser.add_argument("--classifier", type=Path, default=Path("models/classifier"))
-    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--prepared", type=Path, default=layout.PREPARED)
+    parser.add_argument("--pretrained", type=Path, default=layout.PRETRAINED)
+    parser.add_argument("--classifier", type=Path, default=layout.CLASSIFIER)
+    parser.add_argument("--out", type=Path, default=layout.REPORTS)
     args = parser.parse_args()
     metrics = evaluate(load_params(args.params), args.prepared, args.pretrained, args.classifier, args.out)
     rows = [("fine-tuned GPT", metrics["finetune"]["test"])]

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from components import layout
 from components.atomic import atomic_dir
 from components.errors import exit_on_input_error
 from components.inference import encode_chunks, load_backbone
@@ -238,9 +239,9 @@ def save_classifier(classifier: Classifier, tokenizer_file: Path, summary: dict,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"))
-    parser.add_argument("--out", type=Path, default=Path("models/classifier"))
+    parser.add_argument("--prepared", type=Path, default=layout.PREPARED)
+    parser.add_argument("--pretrained", type=Path, default=layout.PRETRAINED)
+    parser.add_argument("--out", type=Path, default=layout.CLASSIFIER)
     args = parser.parse_args()
     params = load_params(args.params)
     tokenizer = Tokenizer.from_file(str(args.pretrained / "tokenizer.json"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from components import layout
 from components.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from components.errors import InputError, exit_on_input_error
 from components.params import Params, load_params
@@ -192,9 +193,9 @@ def write_splits(splits: dict[str, pl.DataFrame], report: dict, out: Path) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--report", type=Path, default=Path("reports/data.json"))
-    parser.add_argument("--plot", type=Path, default=Path("reports/data_lengths.png"))
+    parser.add_argument("--out", type=Path, default=layout.PREPARED)
+    parser.add_argument("--report", type=Path, default=layout.DATA_REPORT)
+    parser.add_argument("--plot", type=Path, default=layout.LENGTHS_PLOT)
     args = parser.parse_args()
     splits, report = ingest(load_params(args.params))
     plot = length_histogram(splits)

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_model
 from torch.utils.data import DataLoader, IterableDataset
 
+from components import layout
 from components.atomic import atomic_dir, write_bytes_atomic
 from components.checkpoints import Foundation, resolve_foundation
 from components.errors import InputError, exit_on_input_error
@@ -243,8 +244,8 @@ def pretrain(params: Params, tokens: Path, out: Path, foundation: Foundation | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--tokens", type=Path, default=Path("data/tokens"))
-    parser.add_argument("--out", type=Path, default=Path("models/pretrained"))
+    parser.add_argument("--tokens", type=Path, default=layout.TOKENS)
+    parser.add_argument("--out", type=Path, default=layout.PRETRAINED)
     args = parser.parse_args()
     params = load_params(args.params)
     foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from components import layout
 from components.params import Params, to_yaml
 from components.registry import CHALLENGER, CHAMPION, LATEST, Registry, moved_to, promotion_decision
 
@@ -32,7 +33,7 @@ def dvc_lock_hashes(lock_file: Path) -> dict:
 
 
 def build_lineage(repo: Path, flow_run: dict | None, foundation: dict) -> dict:
-    pretrain = json.loads((repo / "models/pretrained/metrics.json").read_text())
+    pretrain = json.loads((repo / layout.PRETRAINED / "metrics.json").read_text())
     return {"git": git_state(repo), "dvc_lock": dvc_lock_hashes(repo / "dvc.lock"), "flow_run": flow_run,
             "foundation": foundation,
             "training": {"pretrain_tokens": pretrain["train_tokens"], "pretrain_seconds": pretrain["seconds"]}}
@@ -75,7 +76,7 @@ def register_checkpoint(registry_uri: str, name: str, folder: Path) -> dict:
 def register_foundation(params: Params, repo: Path) -> dict:
     """This run's pre-trained checkpoint (the broad foundation continued on the task's text, or a task-only
     model) as its own model, so other runs can start from it; returns the record the lineage keeps."""
-    pretrained = repo / "models/pretrained"
+    pretrained = repo / layout.PRETRAINED
     manifest = register_checkpoint(params.registry.uri, params.registry.foundation_name, pretrained)
     return {"name": manifest["name"], "version": manifest["version"], "registry": params.registry.uri,
             "continued_from": manifest.get("continued_from")}
@@ -84,7 +85,7 @@ def register_foundation(params: Params, repo: Path) -> dict:
 def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
     """Register the pre-trained checkpoint and models/classifier (with reports/metrics.json and lineage), each
     only if changed, then pass the classifier through the promotion gate."""
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    metrics = json.loads((repo / layout.METRICS).read_text())
     test = metrics["finetune"]["test"]
     summary = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
                "per_class_f1": {label: scores["f1"] for label, scores in test["per_class"].items()}}
@@ -93,17 +94,17 @@ def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
 
     def stage(folder: Path) -> dict:
         lineage = build_lineage(repo, flow_run, foundation)
-        shutil.copytree(repo / "models/classifier", folder, dirs_exist_ok=True)
+        shutil.copytree(repo / layout.CLASSIFIER, folder, dirs_exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (folder / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (folder / "params.yaml").write_text(to_yaml(params))
-        for report in ("confusion_matrix.png", "model_card.md"):
-            shutil.copy(repo / "reports" / report, folder / report)
+        for report in (layout.CONFUSION_PLOT, layout.MODEL_CARD):
+            shutil.copy(repo / report, folder / report.name)
         return {"metrics": summary, "kind": "classifier", "foundation": foundation,
                 "git_commit": lineage["git"]["commit"], "flow_run_id": (flow_run or {}).get("id")}
 
     name = params.registry.model_name
-    manifest, new = register_once(registry, name, folder_digest(repo / "models/classifier"), stage)
+    manifest, new = register_once(registry, name, folder_digest(repo / layout.CLASSIFIER), stage)
     result = {"name": name, "version": manifest["version"], "uri": params.registry.uri, "registered": new,
               "foundation": foundation, **summary}
     if not new:

@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from components import layout
 from components.atomic import atomic_dir
 from components.checkpoints import Foundation, resolve_foundation
 from components.errors import exit_on_input_error
@@ -205,8 +206,8 @@ def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--out", type=Path, default=Path("data/tokens"))
+    parser.add_argument("--prepared", type=Path, default=layout.PREPARED)
+    parser.add_argument("--out", type=Path, default=layout.TOKENS)
     args = parser.parse_args()
     params = load_params(args.params)
     foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)

@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from components import layout
 from components.errors import InputError, exit_on_input_error
 from components.params import PARAMS_FILE, load_params
 
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     generate = verbs.add_parser("generate", help="sample text from a pre-trained checkpoint")
-    generate.add_argument("--model", default="models/pretrained",
+    generate.add_argument("--model", default=str(layout.PRETRAINED),
                           help="a checkpoint folder or a registered foundation model (NAME@ALIAS, NAME:VERSION)")
     generate.add_argument("prompts", nargs="*", metavar="PROMPT")
     generate.add_argument("--max-new-tokens", type=int, default=60)
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     foundation = verbs.add_parser("foundation", help="pre-train a broad foundation model on a large corpus")
     foundation.add_argument("--set", action="append", default=[], metavar="foundation.KEY=VALUE",
                             help="override one param (repeatable), e.g. foundation.corpus.paths='[corpus/*.parquet]'")
-    foundation.add_argument("--out", default="models/foundation", help="checkpoint folder to write")
+    foundation.add_argument("--out", default=str(layout.FOUNDATION), help="checkpoint folder to write")
     foundation.add_argument("--register", action="store_true",
                             help="also register it in registry.uri as foundation.name")
     foundation.set_defaults(handler=cmd_foundation)

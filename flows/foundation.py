@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 
+from components import layout
 from components.params import PARAMS_FILE, FoundationParams, Params, load_params
 from components.register import register_checkpoint
 from flows.stages import retry_unless_bad_input, run_guarded
@@ -36,7 +37,7 @@ def register_foundation(root: Path, params: Params, out: str) -> dict:
 
 @flow(name="foundation", log_prints=True)
 def foundation(foundation: FoundationParams = CHECKOUT_PARAMS.foundation, repo: str = ".",
-               out: str = "models/foundation", add_to_registry: bool = False) -> dict:
+               out: str = str(layout.FOUNDATION), add_to_registry: bool = False) -> dict:
     """Pre-train a foundation on `foundation.corpus.paths` (local, s3:// or hf:// paths the worker can read)
     into `out`; with `add_to_registry`, add it to registry.uri as `foundation.name` for tasks to continue from."""
     root = Path(repo).resolve()

@@ -13,6 +13,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
+from components import layout
 from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
@@ -57,9 +58,9 @@ def _headline(result: dict) -> dict:
 
 # Inlined as data URLs: they show in the UI without a file store the browser could reach.
 PLOT_ARTIFACTS = {
-    "confusion-matrix": ("reports/confusion_matrix.png", "Test confusion matrix of the fine-tuned GPT"),
-    "label-efficiency-curve": ("reports/label_efficiency.png", "Test macro-F1 by labels per class"),
-    "text-lengths": ("reports/data_lengths.png", "Text lengths of the prepared splits"),
+    "confusion-matrix": (layout.CONFUSION_PLOT, "Test confusion matrix of the fine-tuned GPT"),
+    "label-efficiency-curve": (layout.LABEL_EFFICIENCY_PLOT, "Test macro-F1 by labels per class"),
+    "text-lengths": (layout.LENGTHS_PLOT, "Text lengths of the prepared splits"),
 }
 
 
@@ -67,7 +68,7 @@ def publish_artifacts(repo: Path, metrics: dict, registered: dict) -> None:
     rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
     rows += [{"model": name, **_headline(result["test"])} for name, result in metrics["baselines"].items()]
     create_table_artifact(key="test-metrics", table=rows, description="Test accuracy and macro-F1, same split")
-    curve = json.loads((repo / "reports/label_efficiency.json").read_text())
+    curve = json.loads((repo / layout.LABEL_EFFICIENCY).read_text())
     create_table_artifact(key="label-efficiency", description="Test macro-F1 by labels per class (null: all)",
                           table=[{"labels_per_class": row["labels_per_class"],
                                   **{name: round(row[name]["macro_f1"], 4) for name in ("pretrained", "scratch")}}
@@ -75,7 +76,7 @@ def publish_artifacts(repo: Path, metrics: dict, registered: dict) -> None:
     for key, (path, description) in PLOT_ARTIFACTS.items():
         png = base64.b64encode((repo / path).read_bytes()).decode()
         create_image_artifact(image_url=f"data:image/png;base64,{png}", key=key, description=description)
-    create_markdown_artifact(key="model-card", markdown=(repo / "reports/model_card.md").read_text())
+    create_markdown_artifact(key="model-card", markdown=(repo / layout.MODEL_CARD).read_text())
     create_markdown_artifact(
         key="registered-model",
         markdown=(f"**{registered['name']}:{registered['version']}** in `{registered['uri']}` is "
@@ -157,7 +158,7 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
         restore_workspace(root, params_before, logger.info)
         raise
     registered = register_model(run_params, root)
-    metrics = json.loads((root / "reports/metrics.json").read_text())
+    metrics = json.loads((root / layout.METRICS).read_text())
     publish_artifacts(root, metrics, registered)
     logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")

@@ -17,8 +17,12 @@ def imported_components(module: str, seen: set[str] | None = None) -> set[str]:
         return seen
     seen.add(path)
     for node in ast.walk(ast.parse((ROOT / path).read_text())):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-            [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module == "components":  # from components import layout
+            names = [f"components.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        else:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         for name in names:
             if name.startswith("components.") and (ROOT / f"{name.replace('.', '/')}.py").exists():
                 imported_components(name, seen)
@@ -32,3 +36,17 @@ def test_every_stage_lists_the_source_files_it_imports():
         deps = {dep for dep in stage["deps"]}
         missing = imported_components(module) - deps
         assert not missing, f"stage {name} imports {sorted(missing)} without listing them in dvc.yaml deps"
+
+
+def test_stage_outputs_are_the_paths_the_code_reads():
+    """register and the flow read outputs through components/layout.py: dvc.yaml must write exactly there."""
+    from components import layout
+
+    known = {str(value) for name, value in vars(layout).items() if name.isupper()}
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path = next(iter(out)) if isinstance(out, dict) else out
+                assert path in known, f"stage {name} writes {path}, which components/layout.py does not name"
+                assert path in stage["cmd"] or str(Path(path).parent) in stage["cmd"], (name, path)
