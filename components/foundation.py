@@ -103,6 +103,10 @@ def encode_corpus(files: list[str], tokenizer: Tokenizer, cfg: FoundationParams,
                                    "bytes": local.stat().st_size, "train_tokens": entry["tokens"], **counts})
                 print(f"foundation: encoded {uri}: {counts['documents']:,} documents, {entry['tokens']:,} tokens",
                       flush=True)
+        if not held_out:
+            documents = sum(file["documents"] for file in files_seen)
+            raise InputError(f"foundation.corpus.val_fraction={cfg.corpus.val_fraction}: none of the {documents:,} "
+                             "documents was held out for perplexity; raise it or add documents")
         val_entries = {source: write_token_stream(tokenizer, [texts], staging, f"val-{source}",
                                                   cfg.tokenizer.shard_tokens)
                        for source, texts in sorted(held_out.items())}

@@ -112,3 +112,42 @@ def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized,
     command = kill_after_first_checkpoint(project, env, saved=mirrored, checkpoint_uri=f"s3://{bucket}/checkpoints")
     shutil.rmtree(project / ".gptpipe")  # the other worker has no local state, only the store
     rerun_and_check_resumed(project, env, command)
+
+
+def test_continued_pretraining_keeps_the_foundation_tokenizer_and_never_reads_held_out_text(tmp_path):
+    import polars as pl
+    from tokenizers import Tokenizer
+
+    from components.foundation import build_foundation
+    from components.params import FoundationParams
+    from tests.components.test_foundation import TINY_FOUNDATION
+    from tests.conftest import make_project, support_tickets
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pl.DataFrame(support_tickets(rows_per_label=50, seed=5)).select("text").write_parquet(corpus / "t-00000.parquet")
+    cfg = FoundationParams.model_validate({**TINY_FOUNDATION, "corpus": {"paths": [str(corpus)], "val_fraction": 0.1}})
+    build_foundation(cfg, seed=1, registry_uri=str(tmp_path / "registry"), out=tmp_path / "base",
+                     work_root=tmp_path / "work")
+    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "init_from": str(tmp_path / "base")}}
+    project = make_project(tmp_path / "project", params)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["dvc", "repro", "pretrain"], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tokens, pretrained = project / "data/tokens", project / "models/pretrained"
+    base_tokenizer = (tmp_path / "base/tokenizer.json").read_text()
+    assert (tokens / "tokenizer.json").read_text() == base_tokenizer == (pretrained / "tokenizer.json").read_text()
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["foundation"]["path"] == str(tmp_path / "base") and metrics["steps"] == 6
+    config = json.loads((pretrained / "config.json").read_text())
+    assert config == json.loads((tmp_path / "base/config.json").read_text())
+    # The corpus it continued on is the train split: no validation or test text is in it.
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    ids = np.concatenate([np.fromfile(tokens / shard["file"], dtype=manifest["dtype"])
+                          for shard in manifest["train"]["shards"]])
+    corpus_text = Tokenizer.from_str(base_tokenizer).decode(ids.tolist(), skip_special_tokens=False)
+    for split in ("val", "test"):
+        for text in pl.read_parquet(project / f"data/prepared/{split}.parquet")["text"]:
+            assert text not in corpus_text
+    train = pl.read_parquet(project / "data/prepared/train.parquet")["text"]
+    assert all(text in corpus_text for text in train)
