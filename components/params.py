@@ -208,8 +208,8 @@ class FoundationParams(Section):
     tokenizer: TokenizerParams = TokenizerParams(vocab_size=8192, train_max_mb=64)
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams(
-        init_from="scratch", batch_size=32, max_steps=2500, learning_rate=2e-3, warmup_steps=100,
-        val_every_n_steps=250, val_batches=10, checkpoint_every_n_steps=50)
+        init_from="scratch", batch_size=32, max_steps=1100, learning_rate=2e-3, warmup_steps=50,
+        val_every_n_steps=100, val_batches=10, checkpoint_every_n_steps=50)
 
 
 class Params(Section):
