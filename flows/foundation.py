@@ -31,7 +31,7 @@ def pretrain_foundation(root: Path, params: Params, out: str) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=5)
-def register_foundation(root: Path, params: Params, out: str) -> dict:
+def add_foundation_to_registry(root: Path, params: Params, out: str) -> dict:
     return register_checkpoint(params.registry.uri, params.foundation.name, root / out)
 
 
@@ -45,7 +45,7 @@ def foundation(foundation: FoundationParams = CHECKOUT_PARAMS.foundation, repo: 
     summary = pretrain_foundation(root, params, out)
     print(f"foundation: {summary['tokens_seen']:,} tokens seen, held-out perplexity {summary['val_perplexity']:.1f}")
     if add_to_registry:
-        manifest = register_foundation(root, params, out)
+        manifest = add_foundation_to_registry(root, params, out)
         print(f"registered {manifest['name']}:{manifest['version']} in {params.registry.uri}")
     return {"tokens_seen": summary["tokens_seen"], "val_perplexity": summary["val_perplexity"],
             "val_perplexity_per_source": summary["val_perplexity_per_source"]}
