@@ -33,7 +33,8 @@ RECIPES = {
 }
 
 
-def make_project(target: Path, devset: Path) -> Path:
+def make_project(target: Path) -> Path:
+    """A git + DVC checkout of the pipeline's code, params and shipped foundation."""
     for name in COPIED:
         source, destination = ROOT / name, target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -45,11 +46,15 @@ def make_project(target: Path, devset: Path) -> Path:
     return target
 
 
-def run_recipe(project: Path, devset: Path, overrides: list[str], log) -> dict:
-    raw = apply_overrides(read_raw(ROOT / "params.yaml"),
-                          [f"data.labeled.path={devset / 'train.csv'}", f"data.test.path={devset / 'test.csv'}",
-                           "evaluate.bootstrap_samples=10", *overrides])
+def write_params(project: Path, overrides: list[str]) -> None:
+    """params.yaml as shipped, with these overrides (and few bootstrap resamples: the table shows points)."""
+    raw = apply_overrides(read_raw(ROOT / "params.yaml"), ["evaluate.bootstrap_samples=10", *overrides])
     (project / "params.yaml").write_text(to_yaml(Params.model_validate(raw)))
+
+
+def run_recipe(project: Path, devset: Path, overrides: list[str], log) -> dict:
+    write_params(project, [f"data.labeled.path={devset / 'train.csv'}", f"data.test.path={devset / 'test.csv'}",
+                           *overrides])
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     started = time.perf_counter()
     with (project / "repro.log").open("a") as out:
@@ -67,7 +72,7 @@ def scores(result: dict) -> dict:
 
 
 def devset_row(devset: Path, workdir: Path, log) -> dict:
-    project = make_project(workdir / devset.name, devset)
+    project = make_project(workdir / devset.name)
     base = run_recipe(project, devset, RECIPES["foundation"], log)
     narrow = run_recipe(project, devset, RECIPES["task_only"], log)
     at10 = next(row for row in base["curve"] if row["labels_per_class"] == 10)
