@@ -15,7 +15,8 @@ from tests.conftest import BIN, ROOT, TINY_PARAMS, gptpipe, make_project, suppor
 pytestmark = pytest.mark.integration
 
 # The foundation command of the README on a tiny corpus and model, so that it runs in seconds.
-TINY_FOUNDATION = {"tokenizer": {"vocab_size": 320, "train_max_mb": 1},
+TINY_FOUNDATION = {"corpus": {"val_fraction": 0.2},
+                   "tokenizer": {"vocab_size": 320, "train_max_mb": 1},
                    "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "context_length": 16},
                    "pretrain": {"init_from": "scratch", "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
                                 "val_every_n_steps": 2, "val_batches": 2, "precision": "32-true"}}
