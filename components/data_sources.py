@@ -8,7 +8,6 @@ stages after it rerun only when it differs.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from components import layout
