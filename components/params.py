@@ -105,7 +105,9 @@ class PretrainParams(Section):
     compile: bool = Field(False, description="torch.compile the model (pays off on GPUs; not on small CPU models).")
     devices: int = Field(1, ge=1, description="Processes per node; >1 trains data-parallel (DDP, gloo on CPU).")
     num_nodes: int = Field(1, ge=1)
-    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="`fsdp` shards large models.")
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="`ddp` trains data-parallel: one full copy of the model per process, gradients averaged "
+        "over gloo on CPU, nccl on GPUs; `auto` lets Lightning pick (DDP when more than one process).")
 
     @model_validator(mode="after")
     def _batch_splits_over_devices(self) -> "PretrainParams":
