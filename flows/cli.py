@@ -5,6 +5,7 @@
     gptpipe generate [--model models/pretrained|NAME@ALIAS] [PROMPT ...]
     gptpipe foundation [--set foundation.key=value]... [--out DIR] [--register]
     gptpipe notify [NAME] [--path PATH]
+    gptpipe team-setup --results s3://bucket/prefix
     gptpipe registry list|show|promote|rollback
 """
 
@@ -125,6 +126,17 @@ def cmd_notify(args: argparse.Namespace) -> None:
     print(f"emitted gptpipe.data.updated for gptpipe.data.{args.name} (event {event.id})")
 
 
+def cmd_team_setup(args: argparse.Namespace) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):
+        raise InputError("team-setup: set PREFECT_API_URL to the team's Prefect server (it stores the pools and the "
+                         "results block)")
+    from flows.team import team_setup
+
+    for line in team_setup(args.results):
+        print(line)
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         print("(none)")
@@ -235,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("--path", help="where the new labeled data is: the run reads it instead of "
                         "data.labeled.path")
     notify.set_defaults(handler=cmd_notify)
+
+    team = verbs.add_parser("team-setup", help="once per Prefect server: work pools and shared result storage")
+    team.add_argument("--results", required=True, metavar="URI",
+                      help="where flow results and persisted state live: s3://bucket/prefix (a folder only when "
+                      "every worker runs on one machine)")
+    team.set_defaults(handler=cmd_team_setup)
 
     registry = verbs.add_parser("registry", help="list, show, promote or roll back registered models")
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -6,38 +6,48 @@
 
 import base64
 import json
+import socket
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from components import layout
+from components.atomic import write_bytes_atomic
 from components.params import PARAMS_FILE, Params, load_params
 from components.register import register
 from flows.params_file import write_params
 from flows.stages import (
     StageInputError,
+    has_remote,
+    pull_inputs,
     push_outputs,
     reproduce,
     restore_workspace,
     retry_unless_bad_input,
     stage_order,
 )
-from flows.workspace import close_workspace, enter_workspace
+from flows.workspace import close_workspace, enter_workspace, head_commit
 
 # Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
 TRAINING_STAGES = {"pretrain", "finetune"}
 
 
 @task(task_run_name="{stage}", retries=1, retry_condition_fn=retry_unless_bad_input)
-def run_stage(repo: Path, stage: str, pull: bool = False) -> bool:
+def run_stage(repo: Path, stage: str, pull: bool = False, single: bool = False) -> bool:
     """Reproduce one stage; a retry after a crash resumes training from its last checkpoint."""
     logger = get_run_logger()
-    ran = reproduce(repo, stage, logger.info, pull=pull)
+    ran = reproduce(repo, stage, logger.info, pull=pull, single=single)
     logger.info(f"stage {stage}: {'ran' if ran else 'up to date, skipped'}")
     return ran
+
+
+@task(task_run_name="pull-inputs-{stage}", retries=2, retry_delay_seconds=10)
+def pull_stage_inputs(repo: Path, stage: str) -> None:
+    pull_inputs(repo, stage, get_run_logger().info)
 
 
 @task(task_run_name="push-{stage}", retries=2, retry_delay_seconds=10)
@@ -47,9 +57,10 @@ def push_stage(repo: Path, stage: str) -> None:
 
 
 @task(retries=2, retry_delay_seconds=5)
-def register_model(params: Params, repo: Path) -> dict:
-    run = {"id": str(flow_run.id), "name": flow_run.name, "url": flow_run.ui_url} if flow_run.id else None
-    return register(params, repo, run)
+def register_model(params: Params, repo: Path, stages: dict) -> dict:
+    """Register with the lineage of this flow run and, per stage, whether it ran, on which commit and worker."""
+    run = {"id": str(flow_run.id), "name": flow_run.name, "url": flow_run.ui_url} if flow_run.id else {}
+    return register(params, repo, {**run, "stages": stages})
 
 
 def _headline(result: dict) -> dict:
@@ -93,27 +104,50 @@ def checkout_params() -> Params:
 CHECKOUT_PARAMS = checkout_params()
 
 
+def worker_record(checkout: Path) -> dict:
+    """Which machine, checkout, work pool and flow run did a step: the lineage names them."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    return {"host": socket.gethostname(), "checkout": str(checkout),
+            "work_pool": run.work_pool_name if run else None, "flow_run": str(run.id) if run else None}
+
+
 @flow(name="stage", persist_result=True)
 def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHECKOUT_PARAMS,
-          workspace: str | None = None) -> bool:
+          workspace: str | None = None, commit: str | None = None, lock: str | None = None) -> dict:
     """One dvc.yaml stage on whichever worker takes it: retrain sends its training stages here through a
-    deployment on the `gpu` pool, with its params and, for an isolated run, its workspace key (the worktree
-    is shared when the worker runs on the same machine, created afresh on another). With `push`, inputs
-    missing on this worker are pulled from the DVC remote and the outputs pushed back, so workers share
-    results instead of recomputing them."""
-    root, run_params = enter_workspace(Path(repo).resolve(), workspace, params)
+    deployment on the `gpu` pool, with its params, its workspace key and commit (the worktree is shared when
+    the worker runs on the same machine, created at that commit on another, fetching it if this checkout lags
+    behind). With `push` and the run's dvc.lock (`lock`), the worker works from the DVC remote alone: it pulls
+    the inputs the lock names, reproduces the stage and pushes its outputs and run record back, so the run's
+    other workers restore them instead of recomputing them (and never need the raw data)."""
+    checkout = Path(repo).resolve()
+    # From the DVC remote alone, the stage works in a worktree of its own, removed once its outputs are pushed.
+    from_remote = push and lock is not None
+    key = f"{workspace}-{stage}" if from_remote and workspace else workspace
+    root, run_params = enter_workspace(checkout, key, params, commit)
     write_params(root / PARAMS_FILE, run_params)
-    ran = run_stage(root, stage, pull=push)
+    if from_remote:
+        write_bytes_atomic(root / "dvc.lock", lock.encode())
+        pull_stage_inputs(root, stage)
+    ran = run_stage(root, stage, pull=push, single=from_remote)
     if push:
         push_stage(root, stage)
-    return ran
+    done = {"ran": ran, "commit": head_commit(root), "worker": worker_record(checkout)}
+    if key != workspace:
+        close_workspace(checkout, root)
+    return done
 
 
-def run_training_stage(deployment: str, name: str, push: bool, params: Params, workspace: str | None) -> bool:
-    """Run a training stage as a subflow on another work pool. Cancelling this run cancels the subflow
-    (Prefect's cancellation cleanup), whose worker then stops the training process group."""
+def run_training_stage(deployment: str, name: str, root: Path, push: bool, params: Params,
+                       workspace: str | None) -> dict:
+    """Run a training stage as a subflow on another work pool, on this run's commit, params and dvc.lock.
+    Cancelling this run cancels the subflow (Prefect's cancellation cleanup), whose worker then stops the
+    training process group."""
+    lock = root / "dvc.lock"
     child = run_deployment(deployment, poll_interval=2, parameters={
-        "stage": name, "push": push, "params": params.model_dump(mode="json"), "workspace": workspace})
+        "stage": name, "push": push, "params": params.model_dump(mode="json"), "workspace": workspace,
+        "commit": head_commit(root), "lock": lock.read_text() if push and lock.exists() else None})
     if not child.state or not child.state.is_completed():
         raise RuntimeError(f"stage {name} on {deployment} ended {child.state.type if child.state else 'unknown'}")
     return child.state.result()
@@ -138,18 +172,26 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
     root, run_params = enter_workspace(checkout, workspace, params)
     if workspace:
         logger.info(f"working in {root}")
+    if push and not has_remote(root):
+        raise StageInputError("push: no default DVC remote in .dvc/config; add one with `dvc remote add -d "
+                              "storage s3://BUCKET/dvc` and commit it (README: team set-up), or run without push")
     params_before = (root / PARAMS_FILE).read_bytes() if (root / PARAMS_FILE).exists() else None
     if write_params(root / PARAMS_FILE, run_params):
         logger.info("params.yaml updated with this run's params")
-    ran, watchers = {}, set()
+    here = {"commit": head_commit(root), "worker": worker_record(checkout)}
+    stages, watchers = {}, set()
     try:
         for name, always_changed in stage_order(root):
             if always_changed:
                 watchers.add(name)
             if training_deployment and name in TRAINING_STAGES:
-                ran[name] = run_training_stage(training_deployment, name, push, params, workspace)
+                stages[name] = run_training_stage(training_deployment, name, root, push, run_params, workspace)
+                if push and run_stage.with_options(task_run_name=f"restore-{name}")(root, name, pull=True):
+                    logger.warning(f"stage {name} ran here again: the DVC remote had no run of it with this "
+                                   "run's inputs; do the workers run the same code and params?")
                 continue
-            ran[name] = run_stage.with_options(tags={"training"} if name in TRAINING_STAGES else set())(root, name)
+            tags = {"training"} if name in TRAINING_STAGES else set()
+            stages[name] = {"ran": run_stage.with_options(tags=tags)(root, name, pull=push), **here}
             if push:
                 push_stage(root, name)
     except StageInputError:
@@ -157,12 +199,12 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
         # stage's outputs before running it; dvc.lock still names them, and the cache has them).
         restore_workspace(root, params_before, logger.info)
         raise
-    registered = register_model(run_params, root)
+    registered = register_model(run_params, root, stages)
     metrics = json.loads((root / layout.METRICS).read_text())
     publish_artifacts(root, metrics, registered)
     logger.info(f"registered {registered['name']}:{registered['version']} as {registered['alias']}: "
                 f"{registered['reason']}; test accuracy {registered['test_accuracy']:.3f}")
     if workspace:
         close_workspace(checkout, root)
-    return {"stages_run": [name for name, did in ran.items() if did and name not in watchers],
+    return {"stages_run": [name for name, step in stages.items() if step["ran"] and name not in watchers],
             "registered": registered, "metrics": metrics}

@@ -19,7 +19,7 @@ from components.atomic import write_bytes_atomic
 from components.errors import ERROR_PREFIX
 
 PROGRESS_LOG_SECONDS = 15.0
-PUSH_TIMEOUT_SECONDS = 300.0
+TRANSFER_TIMEOUT_SECONDS = 300.0
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -53,22 +53,48 @@ def project_env() -> dict[str, str]:
     return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), "PYTHONUNBUFFERED": "1"}
 
 
-def push_outputs(repo: Path, stage: str, log: Callable[[str], None], timeout: float = PUSH_TIMEOUT_SECONDS) -> None:
-    """`dvc push STAGE` with a hard timeout and few S3 retries: DVC's defaults hang for minutes on a dead store,
-    while failing fast lets the task's retry resume once the store is back (a retried push sends only what is
+def upstream_stages(repo: Path, stage: str) -> list[str]:
+    """The pipeline stages whose outputs `stage` reads."""
+    with Repo(str(repo)) as dvc_repo:
+        graph = dvc_repo.index.graph
+        (node,) = [s for s in graph if isinstance(s, PipelineStage) and s.name == stage]
+        return sorted(s.name for s in graph.successors(node) if isinstance(s, PipelineStage))
+
+
+def dvc_transfer(repo: Path, args: list[str], log: Callable[[str], None],
+                 timeout: float = TRANSFER_TIMEOUT_SECONDS) -> None:
+    """`dvc push|pull ...` with a hard timeout and few S3 retries: DVC's defaults hang for minutes on a dead store,
+    while failing fast lets the task's retry resume once the store is back (a retried transfer moves only what is
     missing)."""
     env = {**project_env(), "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS", "2")}
+    command = " ".join(["dvc", *args])
     try:
-        done = subprocess.run(["dvc", "push", stage], cwd=repo, env=env, capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
+        done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"dvc push {stage} did not finish within {timeout:.0f}s; is the DVC remote reachable?") \
-            from None
+        raise RuntimeError(f"{command} did not finish within {timeout:.0f}s; is the DVC remote reachable?") from None
     for line in (done.stdout + done.stderr).splitlines():
         if line.strip():
             log(line)
     if done.returncode != 0:
-        raise RuntimeError(f"dvc push {stage} failed with exit status {done.returncode}; see the log above")
+        raise RuntimeError(f"{command} failed with exit status {done.returncode}; see the log above")
+
+
+def push_outputs(repo: Path, stage: str, log: Callable[[str], None], timeout: float = TRANSFER_TIMEOUT_SECONDS) -> None:
+    """Send the stage's outputs and its run record to the DVC remote: another worker's `dvc repro --pull` then
+    restores the stage (same inputs, same code) instead of running it."""
+    dvc_transfer(repo, ["push", "--run-cache", stage], log, timeout)
+
+
+def pull_inputs(repo: Path, stage: str, log: Callable[[str], None]) -> None:
+    """Fetch from the DVC remote the outputs of the stages `stage` reads, as dvc.lock records them."""
+    if upstream := upstream_stages(repo, stage):
+        dvc_transfer(repo, ["pull", *upstream], log)
+
+
+def has_remote(repo: Path) -> bool:
+    with Repo(str(repo)) as dvc_repo:
+        return bool(dvc_repo.config["core"].get("remote"))
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
@@ -119,16 +145,18 @@ def run_guarded(command: list[str], repo: Path, log: Callable[[str], None],
         raise RuntimeError(f"{' '.join(command[:3])} failed with exit status {code}; see the log above")
 
 
-def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False) -> bool:
-    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first),
-    streaming its output to `log`; returns whether the stage's command ran."""
+def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False, single: bool = False) -> bool:
+    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first; with
+    `single`, checking that stage alone, its inputs being in place already), streaming its output to `log`;
+    returns whether the stage's command ran (not when DVC restored it from a cached run)."""
     ran = []
 
     def note(line: str) -> None:
         if line.startswith(f"Running stage '{stage}'"):
             ran.append(stage)
 
-    run_guarded(["dvc", "repro", *(["--pull"] if pull else []), stage], repo, log, note)
+    run_guarded(["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage],
+                repo, log, note)
     return bool(ran)
 
 

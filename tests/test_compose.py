@@ -26,14 +26,17 @@ def test_stack_validates_and_takes_its_secrets_from_the_environment():
     done = compose_config(SECRETS)
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
-    assert set(services) == {"postgres", "prefect-server", "minio", "cpu-worker", "gpu-worker"}
+    assert set(services) == {"postgres", "prefect-server", "minio", "setup", "cpu-worker", "gpu-worker"}
     server = services["prefect-server"]["environment"]
     assert server["PREFECT_SERVER_API_AUTH_STRING"] == SECRETS["PREFECT_AUTH"]
     assert SECRETS["POSTGRES_PASSWORD"] in server["PREFECT_API_DATABASE_CONNECTION_URL"]
-    for worker in ("cpu-worker", "gpu-worker"):
+    for worker in ("setup", "cpu-worker", "gpu-worker"):
         env = services[worker]["environment"]
         assert env["PREFECT_API_AUTH_STRING"] == SECRETS["PREFECT_AUTH"]
         assert env["AWS_SECRET_ACCESS_KEY"] == SECRETS["AWS_SECRET_ACCESS_KEY"]
+        # They share the Prefect API and the S3 store, nothing on disk: each may run on a host of its own.
+        assert env["PREFECT_API_URL"] and env["AWS_ENDPOINT_URL"] and not services[worker].get("volumes")
+    assert "team-setup --results s3://" in services["setup"]["command"]
     assert "--pool gpu" in services["gpu-worker"]["command"] and "--limit 1" in services["gpu-worker"]["command"]
     devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
@@ -44,3 +47,10 @@ def test_stack_refuses_to_render_without_a_secret():
         done = compose_config({key: value for key, value in SECRETS.items() if key != missing})
         assert done.returncode != 0
         assert f"set {missing}" in done.stderr, done.stderr
+
+
+def test_image_context_leaves_out_environment_data_outputs_and_caches():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", "data", "registry", ".gptpipe", ".dvc/cache", "storage", "models/*", "reports/*"} <= ignored
+    assert "!models/foundation" in ignored and ".git" not in ignored  # the shipped foundation and git history stay

@@ -1,6 +1,7 @@
 """The layout's promises: components/ stays free of the orchestrators, one CLI lists every verb, lint is clean."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_components_never_import_prefect_or_dvc(path):
 
 def test_help_lists_every_verb():
     verbs = set(build_parser()._subparsers._group_actions[0].choices)
-    assert verbs == {"run", "predict", "generate", "foundation", "notify", "registry"}
+    assert verbs == {"run", "predict", "generate", "foundation", "notify", "team-setup", "registry"}
     out = subprocess.run([str(BIN / "gptpipe"), "--help"], capture_output=True, text=True, check=True).stdout
     assert all(verb in out for verb in verbs)
 
@@ -45,3 +46,11 @@ def test_ruff_is_clean():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "components", "flows", "tests", "benchmarks"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_team_setup_without_a_prefect_server_exits_2_with_one_line():
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    done = subprocess.run([str(BIN / "gptpipe"), "team-setup", "--results", "s3://bucket/results"], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "PREFECT_API_URL" in done.stderr

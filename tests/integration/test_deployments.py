@@ -1,26 +1,38 @@
-"""Deployments from infra/prefect.yaml on a real Prefect server, run by a real process worker, started the way
-the UI's Run button starts them (POST /deployments/{id}/create_flow_run)."""
+"""Deployments from infra/prefect.yaml on a real Prefect server, started the way the UI's Run button starts them
+(POST /deployments/{id}/create_flow_run), run by a team of two "machines": clones A (a `cpu` pool worker) and
+B (a `gpu` pool worker) of one git remote, in separate folders, sharing nothing but the Prefect server and an
+S3 API server (DVC remote, registry, checkpoints, flow results), set up as the README's team set-up says."""
 
 import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import polars as pl
 import pytest
 import yaml
 
 from components.params import apply_overrides, validate
+from components.registry import Registry
 from tests.conftest import BIN, ROOT, TINY_PARAMS, gptpipe, make_project, stop, support_tickets
 
 pytestmark = pytest.mark.integration
 RUN_TIMEOUT = 420
+BUCKET = "gptpipe-team"
+TEAM_PARAMS = {**TINY_PARAMS, "registry": {"uri": f"s3://{BUCKET}/registry"},
+               "pretrain": {**TINY_PARAMS["pretrain"], "checkpoint_uri": f"s3://{BUCKET}/checkpoints"}}
+# A's commit changes the pre-training code; B's checkout lags behind it.
+CODE_CHANGE = "\n# A change made on machine A after machine B's clone.\n"
 
 
 def api(base: str, method: str, path: str, body: dict | None = None):
@@ -48,22 +60,54 @@ def wait_for_final_state(base: str, run_id: str) -> dict:
     raise TimeoutError(f"flow run {run_id} not finished after {RUN_TIMEOUT}s")
 
 
+def git(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, check=True, env=env, capture_output=True, text=True).stdout.strip()
+
+
+@dataclass
+class Team:
+    a: Path  # clone with the `cpu` worker, where runs start
+    b: Path  # clone with the `gpu` worker, one commit behind
+    commit: str  # A's HEAD: the code every stage of a run must run on
+    env: dict  # for commands on A
+
+
+def machine_env(prefect_api: str, clone: Path, home: Path) -> dict:
+    """A machine's environment: its own Prefect home (local result storage) and registry download cache."""
+    return {**os.environ, "PREFECT_API_URL": prefect_api, "GPTPIPE_CHECKOUT": str(clone),
+            "PREFECT_HOME": str(home / "prefect"), "GPTPIPE_CACHE": str(home / "cache"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+
+
 @pytest.fixture(scope="module")
-def deployed(prefect_api, tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("deploy") / "project", TINY_PARAMS)
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "GPTPIPE_CHECKOUT": str(project),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+def deployed(prefect_api, s3_server, tmp_path_factory) -> Iterator[Team]:
+    """The README's team set-up, step by step, on two machines."""
+    root = tmp_path_factory.mktemp("team")
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    source = make_project(root / "source", TEAM_PARAMS)
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc"], cwd=source, check=True)
+    git("commit", "-qam", "DVC remote on S3", cwd=source)
+    git("clone", "-q", "--bare", str(source), str(root / "origin.git"), cwd=root)
+    a, b = root / "machine-a" / "gptpipe", root / "machine-b" / "gptpipe"
+    for clone in (a, b):
+        git("clone", "-q", str(root / "origin.git"), str(clone), cwd=root)
+    with (a / "components/pretrain.py").open("a") as code:
+        code.write(CODE_CHANGE)
+    git("commit", "-qam", "change on A", cwd=a)
+    git("push", "-q", "origin", "HEAD", cwd=a)
+    env_a, env_b = machine_env(prefect_api, a, a.parent), machine_env(prefect_api, b, b.parent)
     prefect = str(BIN / "prefect")
-    for pool in ("cpu", "gpu"):
-        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
-                       check=True, capture_output=True)
+    setup = gptpipe("team-setup", "--results", f"s3://{BUCKET}/prefect-results", cwd=a, env=env_a)
+    assert setup.returncode == 0, setup.stderr
     done = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"],
-                          cwd=project, env=env, capture_output=True, text=True)
+                          cwd=a, env=env_a, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--name", f"{pool}-1"],
-                                cwd=project.parent, env=env, stdout=(project.parent / f"{pool}.log").open("w"),
-                                stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
-    yield project, env
+    workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--name", name], cwd=clone, env=env,
+                                stdout=(clone.parent / "worker.log").open("w"), stderr=subprocess.STDOUT)
+               for pool, name, clone, env in (("cpu", "cpu-a", a, env_a), ("gpu", "gpu-b", b, env_b))]
+    yield Team(a=a, b=b, commit=git("rev-parse", "HEAD", cwd=a), env=env_a)
     for worker in workers:
         stop(worker)
 
@@ -75,6 +119,9 @@ def deployment(base: str, name: str) -> dict:
 def test_retrain_deployments_with_schedule_and_typed_form(prefect_api, deployed):
     default, nightly = deployment(prefect_api, "default"), deployment(prefect_api, "nightly")
     assert default["work_pool_name"] == "cpu"
+    assert default["parameters"]["push"] is True  # the team's deployments share stage outputs through the remote
+    results_block = default["job_variables"]["env"]["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]
+    assert results_block == "remote-file-system/gptpipe-results"
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
     deployment(prefect_api, "on-new-data")
     schema = default["parameter_openapi_schema"]
@@ -88,8 +135,8 @@ def test_retrain_deployments_with_schedule_and_typed_form(prefect_api, deployed)
 
 
 def run_params(*overrides: str) -> dict:
-    """Every field of the params, as the UI's Run form sends them: the tiny params with some overrides."""
-    raw = apply_overrides(copy.deepcopy(TINY_PARAMS), list(overrides))
+    """Every field of the params, as the UI's Run form sends them: the team's params with some overrides."""
+    raw = apply_overrides(copy.deepcopy(TEAM_PARAMS), list(overrides))
     return validate(raw, "test params").model_dump(mode="json")
 
 
@@ -99,16 +146,39 @@ def start_run(base: str, name: str, parameters: dict | None = None) -> dict:
                {"parameters": parameters or {}})
 
 
-def registered_version(project, run_id: str) -> tuple[dict, object]:
-    for path in (project / "registry/bbc/versions").glob("*.json"):
-        manifest = json.loads(path.read_text())
+def registered_version(run_id: str) -> tuple[dict, Path]:
+    """The registry version (on S3) a flow run registered, and its files fetched locally."""
+    registry = Registry(TEAM_PARAMS["registry"]["uri"])
+    for version in registry.versions("bbc"):
+        manifest = registry.manifest("bbc", version)
         if manifest["flow_run_id"] == run_id:
-            return manifest, project / "registry/bbc" / manifest["blob"].split("/", 1)[1]
+            return manifest, registry.fetch(manifest)
     raise AssertionError(f"no registered version from flow run {run_id}")
 
 
-def test_run_button_runs_two_runs_at_once_each_in_its_own_worktree(prefect_api, deployed):
-    project, _ = deployed
+def children(base: str, run_id: str) -> dict[str, dict]:
+    """The stage subflows of a run, by stage."""
+    runs = api(base, "POST", "/flow_runs/filter",
+               {"flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [run_id]}}})
+    return {child["parameters"]["stage"]: child for child in runs}
+
+
+def run_logs(base: str, run_ids: list[str]) -> str:
+    lines, offset = [], 0
+    while page := api(base, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": run_ids}},
+                                                      "limit": 200, "offset": offset}):
+        lines += [log["message"] for log in page]
+        offset += len(page)
+    return "\n".join(lines)
+
+
+def worktrees(clone: Path) -> list[str]:
+    return git("worktree", "list", cwd=clone).splitlines()
+
+
+def test_two_runs_at_once_on_two_machines_run_on_the_commit_they_started_from(prefect_api, deployed):
+    team = deployed
+    assert git("rev-parse", "HEAD", cwd=team.b) != team.commit, "B's checkout should lag behind A's"
     runs = [start_run(prefect_api, "default"), start_run(prefect_api, "default", {"params": run_params("seed=7")})]
     finals = [wait_for_final_state(prefect_api, run["id"]) for run in runs]
     for final in finals:
@@ -117,28 +187,55 @@ def test_run_button_runs_two_runs_at_once_each_in_its_own_worktree(prefect_api, 
     first, second = finals
     assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"], "not at once"
     weights = set()
-    for run, seed in zip(runs, (TINY_PARAMS.get("seed", 1337), 7), strict=True):
-        manifest, files = registered_version(project, run["id"])
+    for run, seed in zip(runs, (TEAM_PARAMS.get("seed", 1337), 7), strict=True):
+        manifest, files = registered_version(run["id"])
         assert yaml.safe_load((files / "params.yaml").read_text())["seed"] == seed
-        assert json.loads((files / "metrics.json").read_text())["finetune"]["test"]["accuracy"] >= 0
         weights.add(hashlib.sha256((files / "model.safetensors").read_bytes()).hexdigest())
-        predicted = gptpipe("predict", "--model", f"bbc:{manifest['version']}", "my invoice refund", cwd=project)
-        assert predicted.returncode == 0, predicted.stderr
-        assert set(json.loads(predicted.stdout)["probs"]) == {"auth", "billing", "bug"}
-        children = api(prefect_api, "POST", "/flow_runs/filter",
-                       {"flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [run["id"]]}}})
-        gpu_stages = {child["parameters"]["stage"]: child for child in children}
+        lineage = json.loads((files / "lineage.json").read_text())
+        assert lineage["git"]["commit"] == team.commit
+        stages = lineage["flow_run"]["stages"]
+        for name, clone, pool in (("ingest", team.a, "cpu"), ("tokenize", team.a, "cpu"), ("pretrain", team.b, "gpu"),
+                                  ("finetune", team.b, "gpu"), ("evaluate", team.a, "cpu")):
+            assert stages[name]["ran"], name
+            assert stages[name]["commit"] == team.commit, f"{name} ran on other code than the run's commit"
+            assert (stages[name]["worker"]["checkout"], stages[name]["worker"]["work_pool"]) == (str(clone), pool)
+        gpu_stages = children(prefect_api, run["id"])
         assert set(gpu_stages) == {"pretrain", "finetune"}
         assert all(child["work_pool_name"] == "gpu" and child["state"]["type"] == "COMPLETED"
                    for child in gpu_stages.values())
+        # A restored what B trained from the DVC remote (same inputs, same code: a cached run), never trained.
+        logs = run_logs(prefect_api, [run["id"]])
+        assert "Running stage 'pretrain'" not in logs and "Running stage 'finetune'" not in logs
+        assert "Stage 'pretrain' is cached" in logs and "Stage 'finetune' is cached" in logs
+        predicted = gptpipe("predict", "--model", f"bbc:{manifest['version']}", "my invoice refund", cwd=team.a)
+        assert predicted.returncode == 0, predicted.stderr
+        assert set(json.loads(predicted.stdout)["probs"]) == {"auth", "billing", "bug"}
     assert len(weights) == 2, "the two runs' models are not their own"
-    # Each run's worktree is gone once its model is registered; the checkout itself was never touched.
-    worktrees = subprocess.run(["git", "worktree", "list"], cwd=project, capture_output=True, text=True).stdout
-    assert len(worktrees.splitlines()) == 1, worktrees
-    assert not (project / "dvc.lock").exists() and not (project / "data").exists()
+    # Every run's worktrees are gone once done, on both machines; the checkouts themselves were never touched.
+    assert len(worktrees(team.a)) == 1 and len(worktrees(team.b)) == 1
+    for clone in (team.a, team.b):
+        assert not (clone / "dvc.lock").exists() and not (clone / "data").exists()
+    # Flow results and persisted state are in the shared store, none on either machine's disk.
+    results = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="prefect-results/")
+    assert results.get("KeyCount", 0) > 0
+    for clone in (team.a, team.b):
+        assert not list((clone.parent / "prefect").glob("storage/*"))
 
 
-def training_processes(folder) -> list[int]:
+def test_a_rerun_with_nothing_changed_reruns_no_stage_on_either_machine(prefect_api, deployed):
+    parameters = {"params": run_params("seed=7")}
+    for _ in range(2):  # the first may find everything done by an earlier test
+        run = start_run(prefect_api, "default", parameters)
+        assert wait_for_final_state(prefect_api, run["id"])["state"]["type"] == "COMPLETED"
+    gpu_stages = children(prefect_api, run["id"])
+    assert all(child["state"]["type"] == "COMPLETED" for child in gpu_stages.values())
+    logs = run_logs(prefect_api, [run["id"], *(child["id"] for child in gpu_stages.values())])
+    ran = set(re.findall(r"Running stage '(\w+)'", logs))
+    assert ran <= {"sources"}, f"stages rerun with nothing changed: {ran}"  # sources only looks at the data
+    assert "Stage 'pretrain' is cached" in logs and "Stage 'finetune' is cached" in logs
+
+
+def training_processes(folder: Path) -> list[int]:
     """Pids of pre-training processes working in `folder`."""
     pids = []
     for proc in Path("/proc").iterdir():
@@ -152,32 +249,47 @@ def training_processes(folder) -> list[int]:
     return pids
 
 
-def test_cancelling_a_run_stops_its_training_processes(prefect_api, deployed):
-    project, _ = deployed
-    run = start_run(prefect_api, "default", {"params": run_params("seed=11", "pretrain.max_steps=1000000")})
-    workspace = project / ".gptpipe/runs" / run["id"]
+def mirrored_checkpoints() -> set[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/")
+    return {item["Key"] for item in listing.get("Contents", [])}
+
+
+def test_cancelling_stops_training_on_the_other_machine_and_a_retry_resumes_there(prefect_api, deployed):
+    team = deployed
+    parameters = {"params": run_params("seed=11", "pretrain.max_steps=4000", "pretrain.val_every_n_steps=1000",
+                                       "pretrain.checkpoint_every_n_steps=25")}
+    before = mirrored_checkpoints()
+    run = start_run(prefect_api, "default", parameters)
+    workspace = team.b / ".gptpipe/runs" / f"{run['id']}-pretrain"
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not training_processes(workspace):
-        assert time.monotonic() < deadline, "pre-training never started"
+    while not (training_processes(workspace) and mirrored_checkpoints() - before):
+        assert time.monotonic() < deadline, "pre-training on B never started or never mirrored a checkpoint"
         assert api(prefect_api, "GET", f"/flow_runs/{run['id']}")["state"]["type"] in ("SCHEDULED", "PENDING",
                                                                                           "RUNNING")
         time.sleep(0.5)
-    # What the UI's Cancel button does.
+    # What the UI's Cancel button does, on machine A's run.
     api(prefect_api, "POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
-    assert wait_for_final_state(prefect_api, run["id"])["state"]["type"] == "CANCELLED"
+    cancelled = time.monotonic()
     while training_processes(workspace):
-        assert time.monotonic() < deadline, "training still running after the run was cancelled"
+        assert time.monotonic() - cancelled < 60, "training still running on B a minute after the cancel"
         time.sleep(0.5)
-    child = api(prefect_api, "POST", "/flow_runs/filter",
-                {"flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [run["id"]]}}})[0]
-    assert wait_for_final_state(prefect_api, child["id"])["state"]["type"] == "CANCELLED"
+    stopped_after = time.monotonic() - cancelled
+    assert wait_for_final_state(prefect_api, run["id"])["state"]["type"] == "CANCELLED"
+    assert wait_for_final_state(prefect_api, children(prefect_api, run["id"])["pretrain"]["id"])["state"]["type"] \
+        == "CANCELLED"
+    print(f"training on B stopped {stopped_after:.1f}s after the cancel")
+    retry = start_run(prefect_api, "default", parameters)
+    assert wait_for_final_state(prefect_api, retry["id"])["state"]["type"] == "COMPLETED"
+    _, files = registered_version(retry["id"])
+    pretrain = json.loads((files / "metrics.json").read_text())["pretrain"]
+    assert pretrain["resumed_from_step"] >= 25, "the retry did not resume from the mirrored checkpoint"
 
 
 def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
-    project, env = deployed
+    team = deployed
     on_new_data = deployment(prefect_api, "on-new-data")
-    pl.DataFrame(support_tickets(seed=3)).write_csv(project / "new-labeled.csv")
-    result = gptpipe("notify", "labeled", "--path", "new-labeled.csv", cwd=project,
+    pl.DataFrame(support_tickets(seed=3)).write_csv(team.a / "new-labeled.csv")
+    result = gptpipe("notify", "labeled", "--path", "new-labeled.csv", cwd=team.a,
                      env={"PREFECT_API_URL": prefect_api})
     assert result.returncode == 0, result.stderr
     deadline = time.monotonic() + 120
@@ -187,7 +299,7 @@ def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
                    {"flow_runs": {"deployment_id": {"any_": [on_new_data["id"]]}}})
         time.sleep(1)
     assert runs, "the event did not start a run of retrain/on-new-data"
-    assert runs[0]["parameters"]["data_path"] == "new-labeled.csv"  # the run reads the announced file
+    assert runs[0]["parameters"]["data_path"] == "new-labeled.csv"  # the run reads the announced file (on A)
     assert wait_for_final_state(prefect_api, runs[0]["id"])["state"]["type"] == "COMPLETED"
 
 
@@ -220,10 +332,9 @@ def test_ui_shows_the_deployment_its_parameter_form_and_plots(prefect_api, deplo
 
 
 def test_kubernetes_gpu_job_template_is_accepted_by_work_pool_tooling(prefect_api, deployed):
-    _, env = deployed
     done = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
                            "--base-job-template", str(ROOT / "infra/k8s-gpu-job-template.json"), "--overwrite"],
-                          env=env, capture_output=True, text=True)
+                          env=deployed.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     pool = api(prefect_api, "GET", "/work_pools/gpu-k8s")
     container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
