@@ -124,7 +124,7 @@ def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHEC
     checkout = Path(repo).resolve()
     # From the DVC remote alone, the stage works in a worktree of its own, removed once its outputs are pushed.
     from_remote = push and lock is not None
-    key = f"{workspace}-{stage}" if from_remote and workspace else workspace
+    key = f"{workspace or flow_run.id}-{stage}" if from_remote else workspace
     root, run_params = enter_workspace(checkout, key, params, commit)
     write_params(root / PARAMS_FILE, run_params)
     if from_remote:
