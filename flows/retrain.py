@@ -11,9 +11,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.states import Cancelling
 
 from components import layout
 from components.atomic import write_bytes_atomic
@@ -116,13 +119,12 @@ def worker_record(checkout: Path) -> dict:
 def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHECKOUT_PARAMS,
           workspace: str | None = None, commit: str | None = None, lock: str | None = None) -> dict:
     """One dvc.yaml stage on whichever worker takes it: retrain sends its training stages here through a
-    deployment on the `gpu` pool, with its params, its workspace key and commit (the worktree is shared when
-    the worker runs on the same machine, created at that commit on another, fetching it if this checkout lags
-    behind). With `push` and the run's dvc.lock (`lock`), the worker works from the DVC remote alone: it pulls
-    the inputs the lock names, reproduces the stage and pushes its outputs and run record back, so the run's
-    other workers restore them instead of recomputing them (and never need the raw data)."""
+    deployment on the `gpu` pool, with its params, workspace key, commit and, with `push`, its dvc.lock. With
+    `push` the worker needs nothing but the DVC remote: in a worktree of its own at the run's commit (fetched
+    when this clone lags behind), it pulls the inputs the lock names, reproduces the stage and pushes the
+    outputs and run record back, so the run restores them instead of recomputing them; the worktree goes once
+    pushed. Without, it works in the run's worktree, which only a worker on the same machine shares."""
     checkout = Path(repo).resolve()
-    # From the DVC remote alone, the stage works in a worktree of its own, removed once its outputs are pushed.
     from_remote = push and lock is not None
     key = f"{workspace or flow_run.id}-{stage}" if from_remote else workspace
     root, run_params = enter_workspace(checkout, key, params, commit)
@@ -153,7 +155,18 @@ def run_training_stage(deployment: str, name: str, root: Path, push: bool, param
     return child.state.result()
 
 
-@flow(name="retrain", log_prints=True)
+def cancel_stage_subflows(flow, flow_run, state) -> None:  # Prefect passes these by name
+    """On Cancel: cancel the run's stage subflows on the other machines at once, rather than at the server's
+    next cancellation-cleanup pass (every 20 s by default), so their workers stop training sooner."""
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+        for child in children:
+            if child.state and not child.state.is_final():
+                client.set_flow_run_state(child.id, Cancelling(), force=True)
+
+
+@flow(name="retrain", log_prints=True, on_cancellation=[cancel_stage_subflows])
 def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False,
             training_deployment: str | None = None, isolate: bool = False, data_path: str | None = None) -> dict:
     """Run the dvc.yaml stages (unchanged ones are skipped) and register the classifier. The run's params are

@@ -63,7 +63,7 @@ def test_push_cut_off_fails_fast_and_a_retry_completes(project_with_s3_remote, s
     os.environ.update(env)
     try:
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match="dvc push tokenize"):
+        with pytest.raises(RuntimeError, match="dvc push --run-cache tokenize"):
             push_outputs(project, "tokenize", print, timeout=90)
         assert time.monotonic() - started < 90
         proxy.restore()
