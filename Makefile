@@ -14,8 +14,10 @@ SYSTEM_TOOLS := chromium docker-compose
 run: $(STAMP)
 	$(BIN)/gptpipe run
 
+# Test modules run in parallel processes (up to 4), each module whole in one, each process with its own Prefect
+# and S3 servers: most integration time is spent waiting on servers, workers and subprocesses.
 test: $(STAMP) system-tools
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
 # Installed with apt-get where this runs as root on Debian/Ubuntu; elsewhere named, with the command to run.
 system-tools:

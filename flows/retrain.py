@@ -53,10 +53,10 @@ def pull_stage_inputs(repo: Path, stage: str) -> None:
     pull_inputs(repo, stage, get_run_logger().info)
 
 
-@task(task_run_name="push-{stage}", retries=2, retry_delay_seconds=10)
-def push_stage(repo: Path, stage: str) -> None:
-    """Send the stage's outputs to the DVC remote, so another worker pulls instead of recomputing them."""
-    push_outputs(repo, stage, get_run_logger().info)
+@task(task_run_name="push-{stages}", retries=2, retry_delay_seconds=10)
+def push_stages(repo: Path, stages: list[str]) -> None:
+    """Send the stages' outputs to the DVC remote, so another worker pulls instead of recomputing them."""
+    push_outputs(repo, stages, get_run_logger().info)
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -134,7 +134,7 @@ def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHEC
         pull_stage_inputs(root, stage)
     ran = run_stage(root, stage, pull=push, single=from_remote)
     if push:
-        push_stage(root, stage)
+        push_stages(root, [stage])
     done = {"ran": ran, "commit": head_commit(root), "worker": worker_record(checkout)}
     if key != workspace:
         close_workspace(checkout, root)
@@ -170,9 +170,10 @@ def cancel_stage_subflows(flow, flow_run, state) -> None:  # Prefect passes thes
 def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = False,
             training_deployment: str | None = None, isolate: bool = False, data_path: str | None = None) -> dict:
     """Run the dvc.yaml stages (unchanged ones are skipped) and register the classifier. The run's params are
-    written to params.yaml first, so that dvc.lock records exactly what ran; with `push`, every stage's
-    outputs go to the DVC remote as soon as the stage ends; with `training_deployment` (e.g. `stage/gpu`),
-    pre-training and fine-tuning run as subflows of that deployment, on its work pool; with `isolate`, the
+    written to params.yaml first, so that dvc.lock records exactly what ran; with `push`, the stages' outputs
+    and run records go to the DVC remote before another worker needs them and at the end; with
+    `training_deployment` (e.g. `stage/gpu`), pre-training and fine-tuning run as subflows of that deployment,
+    on its work pool; with `isolate`, the
     run works in a git worktree of its own (several runs at once, sharing the DVC cache and the registry),
     removed once the model is registered; with `data_path` (the on-new-data trigger passes the path from
     `gptpipe notify --path`), the labeled data is read from there instead of `data.labeled.path`."""
@@ -192,21 +193,27 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
     if write_params(root / PARAMS_FILE, run_params):
         logger.info("params.yaml updated with this run's params")
     here = {"commit": head_commit(root), "worker": worker_record(checkout)}
-    stages, watchers = {}, set()
+    stages, watchers, unpushed = {}, set(), []
     try:
+        # Stages run in dvc.yaml order, each checked on its own inputs (the ones before it were just checked).
         for name, always_changed in stage_order(root):
             if always_changed:
                 watchers.add(name)
             if training_deployment and name in TRAINING_STAGES:
+                if unpushed:  # what the other worker pulls
+                    push_stages(root, unpushed)
+                    unpushed = []
                 stages[name] = run_training_stage(training_deployment, name, root, push, run_params, workspace)
-                if push and run_stage.with_options(task_run_name=f"restore-{name}")(root, name, pull=True):
+                restore = run_stage.with_options(task_run_name=f"restore-{name}")
+                if push and restore(root, name, pull=True, single=True):
                     logger.warning(f"stage {name} ran here again: the DVC remote had no run of it with this "
                                    "run's inputs; do the workers run the same code and params?")
                 continue
             tags = {"training"} if name in TRAINING_STAGES else set()
-            stages[name] = {"ran": run_stage.with_options(tags=tags)(root, name, pull=push), **here}
-            if push:
-                push_stage(root, name)
+            stages[name] = {"ran": run_stage.with_options(tags=tags)(root, name, pull=push, single=True), **here}
+            unpushed += [name] if push else []
+        if unpushed:
+            push_stages(root, unpushed)
     except StageInputError:
         # Bad input changes nothing: the last good params and outputs come back (DVC removed the failed
         # stage's outputs before running it; dvc.lock still names them, and the cache has them).

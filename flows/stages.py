@@ -80,10 +80,11 @@ def dvc_transfer(repo: Path, args: list[str], log: Callable[[str], None],
         raise RuntimeError(f"{command} failed with exit status {done.returncode}; see the log above")
 
 
-def push_outputs(repo: Path, stage: str, log: Callable[[str], None], timeout: float = TRANSFER_TIMEOUT_SECONDS) -> None:
-    """Send the stage's outputs and its run record to the DVC remote: another worker's `dvc repro --pull` then
-    restores the stage (same inputs, same code) instead of running it."""
-    dvc_transfer(repo, ["push", "--run-cache", stage], log, timeout)
+def push_outputs(repo: Path, stages: list[str], log: Callable[[str], None],
+                 timeout: float = TRANSFER_TIMEOUT_SECONDS) -> None:
+    """Send the stages' outputs and run records to the DVC remote: another worker's `dvc repro --pull` then
+    restores a stage (same inputs, same code) instead of running it."""
+    dvc_transfer(repo, ["push", "--run-cache", *stages], log, timeout)
 
 
 def pull_inputs(repo: Path, stage: str, log: Callable[[str], None]) -> None:

@@ -254,7 +254,7 @@ def mirrored_checkpoints() -> set[str]:
 def test_cancelling_stops_training_on_the_other_machine_and_a_retry_resumes_there(prefect_api, deployed):
     team = deployed
     # Long enough to be cancelled mid-way (the data stages of seed 7 are done: only training reruns).
-    parameters = {"params": run_params("seed=7", "pretrain.max_steps=3000", "pretrain.val_every_n_steps=1000",
+    parameters = {"params": run_params("seed=7", "pretrain.max_steps=8000", "pretrain.val_every_n_steps=2000",
                                        "pretrain.checkpoint_every_n_steps=25")}
     before = mirrored_checkpoints()
     run = start_run(prefect_api, "default", parameters)
