@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run the retrain flow (DVC stages, then registration) in this checkout")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one param (repeatable); written to params.yaml like `dvc exp run -S`")
-    run.add_argument("--push", action="store_true", help="dvc push each stage's outputs as soon as it ends")
+    run.add_argument("--push", action="store_true", help="dvc push the stages' outputs and run records to the remote")
     run.add_argument("--isolate", action="store_true",
                      help="work in a git worktree of HEAD under .gptpipe/runs/ (runs at once share the DVC cache)")
     run.set_defaults(handler=cmd_run)
