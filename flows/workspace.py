@@ -2,10 +2,10 @@
 
 Two runs in one DVC workspace would fight over its lock, params.yaml and outputs. Each isolated run works in a
 worktree of one commit instead (the checkout's HEAD where the run starts; on another machine that same commit,
-fetched from the git remotes when that checkout lacks it), and shares with the checkout what is safe to share: the
-DVC cache
-(content-addressed, written by rename, so concurrent writers cannot corrupt it; its run-cache restores a stage
-another run already computed), local DVC remotes, and the data and registry that relative paths in params name.
+fetched from the git remotes when that checkout lacks it), and shares with the checkout what is safe to share:
+the DVC cache (content-addressed, written by rename, so concurrent writers cannot corrupt it; its run-cache
+restores a stage another run already computed), local DVC remotes, and the data and registry that relative
+paths in params name.
 """
 
 import os
