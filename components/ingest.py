@@ -1,12 +1,13 @@
-"""Ingest: read the labeled data, normalise, drop duplicates and leaks, split train/val/test by seed, report.
+"""Ingest: read the labeled data, normalise, drop duplicates and leaks, split train/val/test by a hash of each
+text and the seed (stable as the data grows), report.
 
     python -m components.ingest --out data/prepared --report reports/data.json --plot reports/data_lengths.png
 """
 
 import argparse
+import hashlib
 import io
 import json
-import math
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -57,25 +58,32 @@ def check_labels(frame: pl.DataFrame, needed: int, source: str, column: str) -> 
                          f"{needed} that {splits} need; add examples or remove the label")
 
 
-def check_split_size(rows: int, fraction: float, labels: int, key: str, source: str) -> None:
-    held = math.ceil(fraction * rows)
-    if held < labels or rows - held < labels:
-        raise InputError(f"{source}: {key}={fraction:g} of {rows} rows holds out {held}, which cannot cover all "
-                         f"{labels} labels; add rows or change {key} in params.yaml")
+def split_position(text: str, seed: int) -> float:
+    """A text's place in [0, 1), from its normalised text and the seed alone: growing data never moves an old text
+    to another split (a test text stays in test), and a text's split does not depend on its neighbours."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
-def stratified_split(frame: pl.DataFrame, fraction: float, seed: int, source: str,
-                     key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    check_split_size(frame.height, fraction, frame["label"].n_unique(), key, source)
-    from sklearn.model_selection import train_test_split  # slow to import; only ingest needs it
-
-    try:
-        keep, held = train_test_split(range(frame.height), test_size=fraction, random_state=seed,
-                                      stratify=frame["label"].to_list())
-    except ValueError as error:
-        raise InputError(f"{source}: cannot split by {key}={fraction:g} ({error}); add examples of the rare labels "
-                         "or change the fractions") from None
-    return frame[sorted(keep)], frame[sorted(held)]
+def hash_split(frame: pl.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, pl.DataFrame]:
+    """Cut `frame` into the named splits by each text's `split_position`: the first split takes positions below its
+    fraction, the next the following share, the last the rest. A label that none of a held-out split's positions
+    reach lends it its lowest-positioned text left, so that every label is tested; only such a rare label's texts
+    can change split as the data grows."""
+    frame = frame.with_columns(position=pl.col("text").map_elements(lambda text: split_position(text, seed),
+                                                                    return_dtype=pl.Float64))
+    *held_out, last = fractions
+    splits, low = {}, 0.0
+    for name in held_out:
+        high = low + fractions[name]
+        natural = frame.filter((pl.col("position") >= low) & (pl.col("position") < high))
+        rescued = (frame.filter(pl.col("position") >= high, ~pl.col("label").is_in(natural["label"].implode()))
+                   .sort("position").group_by("label", maintain_order=True).first())
+        splits[name] = pl.concat([natural, rescued.select(frame.columns)]).sort("position")
+        frame = frame.join(splits[name].select("text"), on="text", how="anti", maintain_order="left")
+        low = high
+    splits[last] = frame
+    return {name: split.drop("position") for name, split in splits.items()}
 
 
 def cap_per_label(frame: pl.DataFrame, limit: int | None, seed: int) -> pl.DataFrame:
@@ -137,9 +145,11 @@ def ingest(params: Params) -> tuple[dict[str, pl.DataFrame], dict]:
         rest = frame
     else:
         check_labels(frame, 3, labeled.path, labeled.label_column)
-        rest, test = stratified_split(frame, data.test_fraction, params.seed, labeled.path, "data.test_fraction")
-    val_share = data.val_fraction / (1 - (0 if test_cfg.path else data.test_fraction))
-    train, val = stratified_split(rest, val_share, params.seed, labeled.path, "data.val_fraction")
+    fractions = {"val": data.val_fraction} if test_cfg.path else {"test": data.test_fraction,
+                                                                    "val": data.val_fraction}
+    cut = hash_split(frame, fractions | {"train": 1.0}, params.seed)
+    train, val = cut["train"], cut["val"]
+    test = test if test_cfg.path else cut["test"]
     capped = cap_per_label(train, data.labels_per_class, params.seed)
     splits = {"train": capped, "val": val, "test": test}
     dropped = {reason: sum(r[reason] for r in reports.values()) for reason in ("blank", "duplicate", "undecodable")}

@@ -28,7 +28,7 @@ def tickets_csv(tmp_path):
     return path
 
 
-def test_splits_are_stratified_disjoint_and_reproducible(tickets_csv):
+def test_splits_are_disjoint_and_reproducible(tickets_csv):
     splits, report = ingest(params_for(tickets_csv))
     again, _ = ingest(params_for(tickets_csv))
     texts = [set(split["text"]) for split in splits.values()]
@@ -38,6 +38,18 @@ def test_splits_are_stratified_disjoint_and_reproducible(tickets_csv):
         assert splits[name].equals(again[name])
         assert set(splits[name]["label"]) == {"auth", "billing", "bug"}
         assert report["splits"][name]["chars"]["p50"] > 0
+
+
+def test_growing_data_keeps_every_old_text_in_its_split(tmp_path, tickets_csv):
+    before, _ = ingest(params_for(tickets_csv))
+    grown = tmp_path / "grown.csv"
+    extra = [{"text": f"Ticket {i}: new report number {i} about invoices", "label": "billing"} for i in range(12)]
+    pl.DataFrame(extra + support_tickets()).write_csv(grown)  # new rows first: position in the file must not matter
+    after, _ = ingest(params_for(grown))
+    for name in before:
+        assert set(before[name]["text"]) <= set(after[name]["text"])
+    other_seed, _ = ingest(params_for(tickets_csv).model_copy(update={"seed": 2}))
+    assert set(other_seed["test"]["text"]) != set(before["test"]["text"])
 
 
 def test_duplicates_after_normalising_whitespace_are_dropped(tmp_path):
@@ -80,7 +92,6 @@ def test_label_folders(tmp_path):
     ("text,label\n" + "".join(f"t{i},only\n" for i in range(9)), "single class"),
     ("text,label\n" + "".join(f"t{i},{'a' if i else 'b'}\n" for i in range(9)),
      "label 'b' in column 'label' has 1 example"),
-    ("text,label\n" + "".join(f"t{i},{'abc'[i % 3]}\n" for i in range(9)), "data.test_fraction=0.2 of 9 rows"),
 ])
 def test_bad_input_names_file_and_fix(tmp_path, content, message):
     path = tmp_path / "bad.csv"
