@@ -19,15 +19,24 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from safetensors.torch import save_model
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from components import layout
 from components.atomic import atomic_dir
 from components.errors import exit_on_input_error
-from components.inference import encode_chunks, load_backbone
+from components.inference import (
+    Windows,
+    batches_by_length,
+    classify_windows,
+    load_backbone,
+    pad_windows,
+    text_windows,
+    token_count,
+)
 from components.model import GPT, Classifier, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
+from components.tokenize import PADDING
 from components.training import make_trainer, warmup_cosine
 
 
@@ -134,35 +143,56 @@ class TextClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+LabeledRows = list[tuple[Windows, int]]  # each text's windows and its label's index
+
+
+def labeled_rows(frame: pl.DataFrame, tokenizer: Tokenizer, labels: list[str], context: int,
+                 max_chunks: int) -> LabeledRows:
+    windows = text_windows(tokenizer, frame["text"].to_list(), context, max_chunks)
+    return list(zip(windows, [labels.index(label) for label in frame["label"].to_list()], strict=True))
+
+
 class DrawWindows:
-    """Collate labeled rows (ids and mask of K windows, label), keeping `count` windows of each text drawn at random:
-    a training step costs `count` windows whatever the text's length, and every epoch sees other parts of long
-    texts; validation and prediction still read all K."""
+    """Collate labeled rows into one batch padded to its own longest window, keeping `count` windows of each text
+    drawn at random: a training step costs `count` windows whatever the text's length, and every epoch sees other
+    parts of long texts; with `count` = max_chunks (validation) every window is kept."""
 
-    def __init__(self, count: int, seed: int):
-        self.count, self.generator = count, torch.Generator().manual_seed(seed)
+    def __init__(self, count: int, pad: int, seed: int):
+        self.count, self.pad, self.generator = count, pad, torch.Generator().manual_seed(seed)
 
-    def __call__(self, rows: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
-        ids, mask, labels = (torch.stack(column) for column in zip(*rows, strict=True))
-        if ids.size(1) <= self.count:
-            return [ids, mask, labels]
-        # Random scores, windows holding no text last: the top `count` are real windows whenever the text has them.
-        scores = torch.rand(mask.shape[:2], generator=self.generator).masked_fill(~mask.any(dim=-1), -1.0)
-        picked = scores.topk(self.count, dim=1).indices  # (B, count)
-        rows_index = torch.arange(ids.size(0)).unsqueeze(1)
-        return [ids[rows_index, picked], mask[rows_index, picked], labels]
-
-
-def labeled_tensors(frame: pl.DataFrame, tokenizer: Tokenizer, labels: list[str], context: int,
-                    max_chunks: int) -> TensorDataset:
-    ids, mask = encode_chunks(tokenizer, frame["text"].to_list(), context, max_chunks)
-    return TensorDataset(ids, mask, torch.tensor([labels.index(label) for label in frame["label"].to_list()]))
+    def __call__(self, rows: LabeledRows) -> list[torch.Tensor]:
+        picked = []
+        for windows, _ in rows:
+            if len(windows) > self.count:
+                keep = torch.randperm(len(windows), generator=self.generator)[: self.count].sort().values
+                windows = [windows[i] for i in keep.tolist()]
+            picked.append(windows)
+        ids, mask = pad_windows(picked, self.pad)
+        return [ids, mask, torch.tensor([label for _, label in rows])]
 
 
-@torch.no_grad()
-def logits_of(classifier: Classifier, data: TensorDataset, batch_size: int) -> torch.Tensor:
-    classifier.eval()
-    return torch.cat([classifier(ids, mask).float() for ids, mask, _ in DataLoader(data, batch_size=batch_size)])
+class ShuffledBuckets(Sampler[list[int]]):
+    """Training batches of similar length, new ones every epoch: the rows are shuffled, then each pool of
+    `pool` batches is sorted by length jittered by up to 25% (so that neighbours in length still mix) and cut into
+    batches, which are shuffled. Short texts then pay for their own padding only."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, pool: int = 50):
+        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        jitter = torch.empty(len(order)).uniform_(0.8, 1.25, generator=self.generator).tolist()
+        span = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(order), span):
+            pool = sorted(range(start, min(start + span, len(order))), key=lambda i: self.lengths[order[i]] * jitter[i])
+            batches += [[order[i] for i in pool[k : k + self.batch_size]] for k in range(0, len(pool), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -185,17 +215,20 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     epochs = epochs or cfg.epochs
     labels = json.loads((prepared / "labels.json").read_text())
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
-    context = backbone.config.context_length
-    train_data = labeled_tensors(train, tokenizer, labels, context, cfg.max_chunks)
-    train_loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(params.seed),
-                              collate_fn=DrawWindows(cfg.train_windows or cfg.max_chunks, params.seed))
-    val_data = None
+    context, pad = backbone.config.context_length, tokenizer.token_to_id(PADDING)
+    train_rows = labeled_rows(train, tokenizer, labels, context, cfg.max_chunks)
+    drawn = cfg.train_windows or cfg.max_chunks
+    lengths = [min(token_count(windows), drawn * context) for windows, _ in train_rows]
+    train_loader = DataLoader(train_rows, batch_sampler=ShuffledBuckets(lengths, cfg.batch_size, params.seed),
+                              collate_fn=DrawWindows(drawn, pad, params.seed))
+    val_rows, val_loader = [], None
     if select_on_val:
-        val_data = labeled_tensors(pl.read_parquet(prepared / "val.parquet"), tokenizer, labels, context,
-                                   cfg.max_chunks)
+        val_rows = labeled_rows(pl.read_parquet(prepared / "val.parquet"), tokenizer, labels, context, cfg.max_chunks)
+        val_loader = DataLoader(val_rows, batch_sampler=batches_by_length([w for w, _ in val_rows], cfg.batch_size),
+                                collate_fn=DrawWindows(cfg.max_chunks, pad, params.seed))
     # build
-    weights = balanced_weights(train_data.tensors[2], len(labels)) if cfg.class_weights == "balanced" else None
+    targets = torch.tensor([label for _, label in train_rows])
+    weights = balanced_weights(targets, len(labels)) if cfg.class_weights == "balanced" else None
     module = TextClassifier(Classifier(backbone, len(labels), cfg.pooling), cfg, epochs * len(train_loader), weights)
     best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_macro_f1", mode="max", save_top_k=1,
                            save_weights_only=True, enable_version_counter=False)
@@ -205,7 +238,6 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     trainer = make_trainer(cfg.precision, work_dir, callbacks, max_epochs=epochs, log_every_n_steps=5,
                            enable_checkpointing=select_on_val)
     # loop and validate
-    val_loader = DataLoader(val_data, batch_size=cfg.batch_size) if select_on_val else None
     trainer.fit(module, train_loader, val_loader)
     summary = {"strategy": cfg.strategy, "labels": labels, "train_examples": train.height,
                "epochs_trained": trainer.current_epoch}
@@ -217,7 +249,8 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
         merge_lora(classifier.backbone)
     classifier.requires_grad_(True).eval()
     if select_on_val:
-        logits, targets = logits_of(classifier, val_data, cfg.batch_size), val_data.tensors[2]
+        logits = classify_windows(classifier, [windows for windows, _ in val_rows], pad, cfg.batch_size)
+        targets = torch.tensor([label for _, label in val_rows])
         summary["temperature"] = fit_temperature(logits, targets)
         summary["val_nll"] = {"before": F.cross_entropy(logits, targets).item(),
                               "after": F.cross_entropy(logits / summary["temperature"], targets).item()}

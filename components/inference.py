@@ -16,24 +16,59 @@ from components.tokenize import PADDING
 PREDICT_BATCH = 32
 
 
-def encode_chunks(tokenizer: Tokenizer, texts: list[str], context_length: int,
-                  max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, K, T): each text cut into up to `max_chunks` consecutive windows of `context_length` tokens
-    (the rest dropped), K the most any text needs; windows and missing windows right-padded, mask 1 for real tokens."""
+Windows = list[list[int]]  # one text's consecutive context windows of token ids
+
+
+def text_windows(tokenizer: Tokenizer, texts: list[str], context_length: int, max_chunks: int) -> list[Windows]:
+    """Each text cut into up to `max_chunks` consecutive windows of `context_length` tokens (the rest dropped); an
+    empty text is one padding token, so that every text has a window."""
     pad = tokenizer.token_to_id(PADDING)
-    windows = []
+    rows = []
     for encoding in tokenizer.encode_batch_fast(texts):
         ids = encoding.ids[: context_length * max_chunks] or [pad]
-        windows.append([ids[start : start + context_length] for start in range(0, len(ids), context_length)])
-    chunks = max(len(row) for row in windows)
-    width = max(len(window) for row in windows for window in row)
-    batch = torch.full((len(windows), chunks, width), pad, dtype=torch.long)
-    mask = torch.zeros((len(windows), chunks, width), dtype=torch.long)
-    for row, row_windows in enumerate(windows):
-        for k, window in enumerate(row_windows):
+        rows.append([ids[start : start + context_length] for start in range(0, len(ids), context_length)])
+    return rows
+
+
+def pad_windows(rows: list[Windows], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask (B, K, T), K the most windows and T the longest window of these rows only, so a batch
+    pays for its own longest text, not the data set's; mask 1 for real tokens."""
+    chunks = max(len(windows) for windows in rows)
+    width = max(len(window) for windows in rows for window in windows)
+    batch = torch.full((len(rows), chunks, width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), chunks, width), dtype=torch.long)
+    for row, windows in enumerate(rows):
+        for k, window in enumerate(windows):
             batch[row, k, : len(window)] = torch.tensor(window)
             mask[row, k, : len(window)] = 1
     return batch, mask
+
+
+def encode_chunks(tokenizer: Tokenizer, texts: list[str], context_length: int,
+                  max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`texts` as one padded batch (B, K, T) of their windows."""
+    return pad_windows(text_windows(tokenizer, texts, context_length, max_chunks), tokenizer.token_to_id(PADDING))
+
+
+def token_count(windows: Windows) -> int:
+    return sum(len(window) for window in windows)
+
+
+def batches_by_length(rows: list[Windows], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar token counts (for forward passes, where order does not matter), so that
+    little of a batch is padding."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), token_count(rows[i])))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def classify_windows(model: Classifier, rows: list[Windows], pad: int, batch_size: int) -> torch.Tensor:
+    """Logits (N, classes) of texts given as windows, batched by length and returned in the rows' order."""
+    model.eval()
+    logits = torch.empty(len(rows), model.head.out_features)
+    for batch in batches_by_length(rows, batch_size):
+        logits[batch] = model(*pad_windows([rows[i] for i in batch], pad)).float()
+    return logits
 
 
 def load_weights(module: torch.nn.Module, file: Path) -> None:
@@ -59,16 +94,11 @@ class LoadedClassifier:
     temperature: float
     max_chunks: int = 1
 
-    @torch.no_grad()
     def predict_logits(self, texts: list[str]) -> torch.Tensor:
         """Raw logits (N, classes), before temperature scaling."""
-        self.model.eval()
         context = self.model.backbone.config.context_length
-        batches = []
-        for start in range(0, len(texts), PREDICT_BATCH):
-            ids, mask = encode_chunks(self.tokenizer, texts[start : start + PREDICT_BATCH], context, self.max_chunks)
-            batches.append(self.model(ids, mask).float())
-        return torch.cat(batches) if batches else torch.empty(0, len(self.labels))
+        rows = text_windows(self.tokenizer, texts, context, self.max_chunks)
+        return classify_windows(self.model, rows, self.tokenizer.token_to_id(PADDING), PREDICT_BATCH)
 
     def predict_proba(self, texts: list[str]) -> torch.Tensor:
         """Probabilities (N, classes), scaled by the temperature fitted on the validation split."""

@@ -142,7 +142,6 @@ def ingest(params: Params) -> tuple[dict[str, pl.DataFrame], dict]:
             raise InputError(f"{test_cfg.path}: every test text also occurs in {labeled.path}; "
                              "use a test set of unseen texts")
         check_labels(frame, 2, labeled.path, labeled.label_column)
-        rest = frame
     else:
         check_labels(frame, 3, labeled.path, labeled.label_column)
     fractions = {"val": data.val_fraction} if test_cfg.path else {"test": data.test_fraction,

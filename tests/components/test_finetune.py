@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from components.finetune import (
     DrawWindows,
+    ShuffledBuckets,
     TextClassifier,
     balanced_weights,
     finetune,
@@ -25,10 +26,17 @@ from components.finetune import (
     save_classifier,
     slanted_triangular,
 )
-from components.inference import encode_chunks, load_backbone, load_classifier
+from components.inference import (
+    batches_by_length,
+    classify_windows,
+    encode_chunks,
+    load_backbone,
+    load_classifier,
+    text_windows,
+)
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import Params
-from components.tokenize import train_tokenizer
+from components.tokenize import PADDING, train_tokenizer
 from tests.conftest import TINY_PARAMS, support_tickets
 
 TINY = GPTConfig(vocab_size=320, context_length=32, n_layer=2, n_head=2, d_model=16)
@@ -231,21 +239,41 @@ def test_temperature_fitted_on_overconfident_logits_lowers_nll():
 
 
 def test_training_batches_draw_real_windows_at_random_and_keep_short_texts_whole():
-    # Text 0 fills 4 windows, text 1 only its first; window k of text t holds the id 10 * t + k + 1.
-    ids = torch.zeros(2, 4, 3, dtype=torch.long)
-    mask = torch.zeros(2, 4, 3, dtype=torch.long)
-    for text, windows in enumerate((4, 1)):
-        for k in range(windows):
-            ids[text, k], mask[text, k] = 10 * text + k + 1, 1
-    rows = [(ids[t], mask[t], torch.tensor(t)) for t in range(2)]
-    draw = DrawWindows(2, seed=0)
+    # Text 0 fills 4 windows of 3 tokens, text 1 one window of 2; window k of text t holds the id 10 * t + k + 1.
+    rows = [([[k + 1] * 3 for k in range(4)], 0), ([[11, 11]], 1)]
+    draw = DrawWindows(2, pad=0, seed=0)
     seen = set()
     for _ in range(20):
         picked_ids, picked_mask, labels = draw(rows)
         assert picked_ids.shape == (2, 2, 3) and labels.tolist() == [0, 1]
         assert picked_mask[0].all(), "a text with 4 windows got a padding window"
-        assert picked_ids[1, :, 0].tolist().count(11) == 1 and picked_mask[1].sum() == 3, "text 1 lost its window"
+        assert picked_ids[1, 0, :2].tolist() == [11, 11] and picked_mask[1].sum() == 2, "text 1 lost its window"
         seen.add(tuple(sorted(picked_ids[0, :, 0].tolist())))
     assert len(seen) > 3, "the same windows every time: not drawn at random"
-    whole = DrawWindows(4, seed=0)(rows)
-    assert torch.equal(whole[0], ids) and torch.equal(whole[1], mask)
+    whole_ids, whole_mask, _ = DrawWindows(4, pad=0, seed=0)(rows)
+    assert whole_ids.shape == (2, 4, 3) and whole_mask[0].sum() == 12 and whole_mask[1].sum() == 2
+
+
+def test_per_batch_padding_gives_the_logits_of_padding_to_the_longest_text(workspace):
+    tokenizer = Tokenizer.from_file(str(workspace[1] / "tokenizer.json"))
+    texts = ["hi", " ".join(["refund invoice payment"] * 30), "login fails after reset", "crash " * 7]
+    torch.manual_seed(0)
+    classifier = Classifier(GPT(TINY), 3).eval()
+    rows = text_windows(tokenizer, texts, TINY.context_length, max_chunks=4)
+    padded_to_all = encode_chunks(tokenizer, texts, TINY.context_length, max_chunks=4)
+    assert padded_to_all[0].shape[1:] == (4, TINY.context_length)
+    with torch.no_grad():
+        expected = classifier(*padded_to_all)
+    per_batch = classify_windows(classifier, rows, tokenizer.token_to_id(PADDING), batch_size=2)
+    assert [len(batch) for batch in batches_by_length(rows, 2)] == [2, 2]
+    assert torch.allclose(per_batch, expected, atol=1e-5)
+
+
+def test_training_batches_group_similar_lengths_and_change_every_epoch():
+    lengths = [1, 100] * 32
+    sampler = ShuffledBuckets(lengths, batch_size=8, seed=0)
+    first, second = list(sampler), list(sampler)
+    for batches in (first, second):
+        assert sorted(i for batch in batches for i in batch) == list(range(64)) and len(batches) == len(sampler)
+        assert all(len({lengths[i] for i in batch}) == 1 for batch in batches), "short and long texts mixed"
+    assert first != second
