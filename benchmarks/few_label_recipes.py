@@ -1,62 +1,99 @@
-"""Few-label fine-tuning recipes compared on one pre-trained checkpoint: test accuracy and macro-F1 at N labels per
-class for each variant of `finetune.*` (strategy, learning rate, pooling, epochs), the rest as in params.yaml;
-prints JSON. Needs a workspace where `dvc repro pretrain` has run (data/prepared, models/pretrained).
+"""Fine-tuning recipes compared on prepared splits and pre-trained checkpoints: test accuracy, macro-F1 and seconds
+of each cell (checkpoint x recipe x label budget x seed), with TF-IDF + logistic regression on the same labels;
+prints JSON lines as cells finish and a summary (mean and spread over seeds) at the end.
 
-    python benchmarks/few_label_recipes.py [--labels-per-class 10]
+    python benchmarks/few_label_recipes.py --prepared data/prepared --pretrained pt150=models/pretrained \
+        --budget 10 --seeds 1 2 3 --recipe default= --recipe lr1e-3=finetune.learning_rate=0.001
+
+A recipe is NAME=OVERRIDE[,OVERRIDE...] on top of params.yaml (`--set` syntax); a budget is labels per class or
+`all` (the whole train split, best epoch on val). The seed draws the labeled sample and the training order.
 """
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import polars as pl
 from tokenizers import Tokenizer
 
-from components.evaluate import LabelEfficiency
+from components.evaluate import LabelEfficiency, per_class_sample, scores, tfidf_logreg
 from components.inference import LoadedClassifier, load_backbone
 from components.model import Classifier
 from components.params import load_params
 
-VARIANTS = {
-    "params.yaml": [],
-    "lr 1e-4": ["finetune.learning_rate=0.0001"],
-    "lr 1e-3": ["finetune.learning_rate=0.001"],
-    "last-token pooling": ["finetune.pooling=last"],
-    "ulmfit": ["finetune.strategy=ulmfit"],
-    "linear probe": ["finetune.strategy=linear_probe", "finetune.learning_rate=0.01"],
-    "60 steps": ["evaluate.budget_min_steps=60"],
-    "aux LM loss 0.5": ["finetune.aux_lm_weight=0.5"],
-}
+
+def named(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def run_cell(prepared: Path, pretrained: Path, overrides: list[str], budget: int | None, test: pl.DataFrame) -> dict:
+    params = load_params("params.yaml", overrides)
+    labels = json.loads((prepared / "labels.json").read_text())
+    tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
+    # The label-budget runs read labels and tokenizer from it; their models start from `pretrained`.
+    untrained = Classifier(load_backbone(pretrained), len(labels), params.finetune.pooling)
+    reader = LoadedClassifier(untrained, tokenizer, labels, 1.0, params.finetune.max_chunks)
+    started = time.perf_counter()
+    result = LabelEfficiency(params, prepared, pretrained, reader, test).score("pretrained", budget)
+    return {"accuracy": round(result["test"]["accuracy"], 4), "macro_f1": round(result["test"]["macro_f1"], 4),
+            "epochs": result["epochs"], "seconds": round(time.perf_counter() - started, 1)}
+
+
+def tfidf_cell(prepared: Path, budget: int | None, seed: int, test: pl.DataFrame) -> dict:
+    train = pl.read_parquet(prepared / "train.parquet")
+    labels = json.loads((prepared / "labels.json").read_text())
+    sample = train if budget is None else per_class_sample(train, labels, budget, seed)
+    result = scores(test["label"].to_list(), tfidf_logreg(sample, test, seed), labels)
+    return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["checkpoint"], row["recipe"], row["budget"]), []).append(row)
+    summary = []
+    for (checkpoint, recipe, budget), cells in groups.items():
+        accuracy = [cell["accuracy"] for cell in cells]
+        summary.append({"checkpoint": checkpoint, "recipe": recipe, "budget": budget, "seeds": len(cells),
+                        "accuracy": round(statistics.mean(accuracy), 4),
+                        "accuracy_sd": round(statistics.stdev(accuracy), 4) if len(cells) > 1 else None,
+                        "seconds": round(statistics.mean(cell["seconds"] for cell in cells), 1)})
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels-per-class", type=int, default=10)
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"))
-    parser.add_argument("--only", nargs="*", help="variant names (default: all)")
+    parser.add_argument("--pretrained", nargs="+", default=["pretrained=models/pretrained"],
+                        help="NAME=FOLDER of each checkpoint")
+    parser.add_argument("--recipe", action="append", default=None, help="NAME=OVERRIDE[,OVERRIDE...]; repeats")
+    parser.add_argument("--budget", nargs="+", default=["10"], help="labels per class, or all")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    parser.add_argument("--tfidf", action="store_true", help="also TF-IDF + logistic regression on each sample")
     args = parser.parse_args()
     test = pl.read_parquet(args.prepared / "test.parquet")
-    labels = json.loads((args.prepared / "labels.json").read_text())
-    tokenizer = Tokenizer.from_file(str(args.pretrained / "tokenizer.json"))
+    recipes = {name: [override for override in value.split(",") if override]
+               for name, value in named(args.recipe or ["params.yaml="]).items()}
     rows = []
-    for name, overrides in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
-        params = load_params("params.yaml", overrides)
-        # The label-budget runs read labels and tokenizer from it; their models start from models/pretrained.
-        untrained = Classifier(load_backbone(args.pretrained), len(labels), params.finetune.pooling)
-        reader = LoadedClassifier(untrained, tokenizer, labels, 1.0, params.finetune.max_chunks)
-        started = time.perf_counter()
-        result = LabelEfficiency(params, args.prepared, args.pretrained, reader, test).score(
-            "pretrained", args.labels_per_class)
-        rows.append({"variant": name, "overrides": overrides, "accuracy": round(result["test"]["accuracy"], 4),
-                     "macro_f1": round(result["test"]["macro_f1"], 4), "epochs": result["epochs"],
-                     "seconds": round(time.perf_counter() - started, 1)})
-    print(json.dumps({"labels_per_class": args.labels_per_class, "test_texts": test.height, "variants": rows},
-                     indent=2))
+    for budget_name in args.budget:
+        budget = None if budget_name == "all" else int(budget_name)
+        for seed in args.seeds:
+            if args.tfidf:
+                row = {"checkpoint": "-", "recipe": "tfidf_logreg", "budget": budget_name, "seed": seed,
+                       **tfidf_cell(args.prepared, budget, seed, test), "seconds": 0.0}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            for checkpoint, folder in named(args.pretrained).items():
+                for recipe, overrides in recipes.items():
+                    cell = run_cell(args.prepared, Path(folder), [f"seed={seed}", *overrides], budget, test)
+                    row = {"checkpoint": checkpoint, "recipe": recipe, "budget": budget_name, "seed": seed, **cell}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print(json.dumps({"test_texts": test.height, "summary": summarise(rows)}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,14 +36,16 @@ from components.atomic import write_bytes_atomic, write_json_atomic
 from components.errors import exit_on_input_error
 from components.finetune import finetune
 from components.inference import LoadedClassifier, load_backbone, load_classifier
-from components.model import GPT
+from components.model import GPT, Classifier
 from components.model_card import model_card
 from components.params import Params, load_params
 
 ZERO_SHOT_PROMPT = "\nThis text is about"
 ECE_BINS = 15
 MISTAKES = 10
-PROGRESS_SECONDS = 10.0  # a progress line at most this often from a long evaluate step
+PROGRESS_SECONDS = 10.0
+# Label tokens of the batch of texts that zero-shot scores in one forward: bounds its memory.
+ZERO_SHOT_LABEL_TOKENS = 2048  # a progress line at most this often from a long evaluate step
 
 
 def resampled_scores(truth: np.ndarray, predicted: np.ndarray, classes: int,
@@ -127,17 +129,33 @@ def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str
 
 
 @torch.no_grad()
-def label_logprobs(lm: GPT, prefix: list[int], label_ids: torch.Tensor, label_lengths: torch.Tensor) -> torch.Tensor:
-    """log P(label | prefix) for every label at once: the prefix runs once, and all labels continue from its
-    keys and values in one batch (label_ids (L, K) right-padded, label_lengths (L,))."""
-    states, past = lm.hidden_states(torch.tensor([prefix]))
-    first = F.log_softmax(lm.lm_head(states[0, -1]).float(), dim=-1)[label_ids[:, 0]]  # (L,)
-    if label_ids.size(1) == 1:
+def label_logprobs(lm: GPT, prefixes: list[list[int]], label_ids: torch.Tensor,
+                   label_lengths: torch.Tensor) -> torch.Tensor:
+    """log P(label | prefix) (B, L) for every prefix and label in two forward passes: the prefixes run once,
+    right-padded, and then every label of every text continues from its text's keys and values at once, each label
+    token seeing its own prefix and its own label's earlier tokens (label_ids (L, K) right-padded, lengths (L,))."""
+    lengths = torch.tensor([len(prefix) for prefix in prefixes])
+    padded = torch.zeros(len(prefixes), int(lengths.max()), dtype=torch.long)
+    for row, prefix in enumerate(prefixes):
+        padded[row, : len(prefix)] = torch.tensor(prefix)
+    states, past = lm.hidden_states(padded)  # causal: right padding never reaches the real tokens
+    B, P = padded.shape
+    L, K = label_ids.shape
+    last = states[torch.arange(B), lengths - 1]  # (B, C)
+    first = F.log_softmax(lm.lm_head(last).float(), dim=-1)[:, label_ids[:, 0]]  # (B, L)
+    if K == 1:
         return first
-    continued, _ = lm.hidden_states(label_ids[:, :-1], past)
-    rest = F.log_softmax(lm.lm_head(continued).float(), dim=-1).gather(-1, label_ids[:, 1:, None])[..., 0]  # (L, K-1)
-    real = torch.arange(1, label_ids.size(1))[None, :] < label_lengths[:, None]
-    return first + (rest * real).sum(dim=1)
+    step = torch.arange(K - 1).repeat(L)  # each continued token's place in its label, (Q,) with Q = L (K - 1)
+    label_of = torch.arange(L).repeat_interleave(K - 1)
+    sees_prefix = (torch.arange(P)[None, :] < lengths[:, None])[:, None, :].expand(B, step.numel(), P)
+    sees_label = (label_of[:, None] == label_of[None, :]) & (step[None, :] <= step[:, None])  # (Q, Q)
+    mask = torch.cat([sees_prefix, sees_label.expand(B, -1, -1)], dim=2)[:, None]  # (B, 1, Q, P + Q)
+    tokens = label_ids[:, :-1].reshape(1, -1).expand(B, -1)  # (B, Q)
+    continued, _ = lm.hidden_states(tokens, past, lengths[:, None] + step[None, :], mask)
+    logprobs = F.log_softmax(lm.lm_head(continued).float(), dim=-1)  # (B, Q, vocab)
+    rest = logprobs.gather(-1, label_ids[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)).view(B, L, K - 1)
+    real = torch.arange(1, K)[None, :] < label_lengths[:, None]  # (L, K - 1)
+    return first + (rest * real).sum(dim=2)
 
 
 def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str], text_tokens: int,
@@ -150,15 +168,28 @@ def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str]
     label_ids = torch.tensor([ids + [0] * (int(lengths.max()) - len(ids)) for ids in encoded_labels])
     prompt_ids = tokenizer.encode(ZERO_SHOT_PROMPT).ids
     room = lm.config.context_length - len(prompt_ids) - label_ids.size(1)
-    prior = label_logprobs(lm, prompt_ids, label_ids, lengths)
+    prior = label_logprobs(lm, [prompt_ids], label_ids, lengths)[0]
+    batch = max(1, ZERO_SHOT_LABEL_TOKENS // label_ids.numel())
+    encodings = tokenizer.encode_batch_fast(texts)
     guesses, reported = [], time.monotonic()
-    for index, encoding in enumerate(tokenizer.encode_batch_fast(texts)):
-        prefix = encoding.ids[:min(text_tokens, room)] + prompt_ids
-        guesses.append(labels[int((label_logprobs(lm, prefix, label_ids, lengths) - prior).argmax())])
+    for start in range(0, len(texts), batch):
+        prefixes = [encoding.ids[: min(text_tokens, room)] + prompt_ids
+                    for encoding in encodings[start : start + batch]]
+        best = (label_logprobs(lm, prefixes, label_ids, lengths) - prior).argmax(dim=1)
+        guesses += [labels[i] for i in best.tolist()]
         if time.monotonic() - reported > PROGRESS_SECONDS:
-            log(f"evaluate: zero-shot {index + 1}/{len(texts)} texts")
+            log(f"evaluate: zero-shot {len(guesses)}/{len(texts)} texts")
             reported = time.monotonic()
     return guesses
+
+
+def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int) -> pl.DataFrame:
+    """Up to `per_class` of `texts` for each label, those the classifier is surest of, with its labels."""
+    confidence, predicted = reader.predict_proba(texts).max(dim=-1)
+    guesses = pl.DataFrame({"text": texts, "label": [reader.labels[i] for i in predicted.tolist()],
+                            "confidence": confidence.tolist()})
+    return (guesses.sort("confidence", descending=True, maintain_order=True)
+            .group_by("label", maintain_order=True).head(per_class).drop("confidence"))
 
 
 def per_class_sample(train: pl.DataFrame, labels: list[str], count: int, seed: int) -> pl.DataFrame:
@@ -184,18 +215,15 @@ class LabelEfficiency:
             return self.runs[(init, per_class)]
         params, labels = self.params, self.reader.labels
         print(f"evaluate: fine-tuning the {init} model on {per_class or 'all'} labels per class", flush=True)
-        torch.manual_seed(params.seed)
-        backbone = load_backbone(self.pretrained)
-        if init == "scratch":
-            backbone = GPT(backbone.config)
         train = None if per_class is None else per_class_sample(self.train, labels, per_class, params.seed)
-        epochs = None
-        if train is not None:  # few labels: enough epochs for budget_min_steps, no val labels, the last epoch kept
-            steps_per_epoch = math.ceil(train.height / params.finetune.batch_size)
-            epochs = max(params.finetune.epochs, math.ceil(params.evaluate.budget_min_steps / steps_per_epoch))
-        with tempfile.TemporaryDirectory(prefix=f"gptpipe-{init}-") as work_dir:
-            model, summary = finetune(params, self.prepared, backbone, self.reader.tokenizer, Path(work_dir), train,
-                                      epochs, select_on_val=train is None)
+        model, summary = self.finetune_from(init, train)
+        if train is not None and params.finetune.pseudo_labels:
+            # Self-training: the model labels the train split's other texts, and its surest guesses join the labels.
+            unlabeled = self.train.join(train.select("text"), on="text", how="anti")
+            reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
+            guessed = most_confident(reader, unlabeled["text"].to_list(), per_class * params.finetune.pseudo_labels)
+            print(f"evaluate: self-training the {init} model with {guessed.height} pseudo-labeled texts", flush=True)
+            model, summary = self.finetune_from(init, pl.concat([train, guessed]))
         reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
         predicted = [labels[i] for i in reader.predict_logits(self.test["text"].to_list()).argmax(-1).tolist()]
         result = {"test": scores(self.test["label"].to_list(), predicted, labels, params.evaluate.bootstrap_samples,
@@ -204,6 +232,22 @@ class LabelEfficiency:
                   "epochs": summary["epochs_trained"]}
         self.runs[(init, per_class)] = result
         return result
+
+    def finetune_from(self, init: str, train: pl.DataFrame | None) -> tuple[Classifier, dict]:
+        """`init` weights fine-tuned on `train`; few labels (not None) train without val labels, enough epochs for
+        evaluate.budget_min_steps, and keep the last epoch."""
+        params = self.params
+        torch.manual_seed(params.seed)
+        backbone = load_backbone(self.pretrained)
+        if init == "scratch":
+            backbone = GPT(backbone.config)
+        epochs = None
+        if train is not None:
+            steps_per_epoch = math.ceil(train.height / params.finetune.batch_size)
+            epochs = max(params.finetune.epochs, math.ceil(params.evaluate.budget_min_steps / steps_per_epoch))
+        with tempfile.TemporaryDirectory(prefix=f"gptpipe-{init}-") as work_dir:
+            return finetune(params, self.prepared, backbone, self.reader.tokenizer, Path(work_dir), train, epochs,
+                            select_on_val=train is None)
 
     def curve(self, finetuned: dict) -> list[dict]:
         rows = []

@@ -31,17 +31,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
-        """`past`: keys and values of earlier tokens (batch 1 or B), which every new token may attend to."""
+    def forward(self, x: torch.Tensor, past: KeyValues | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KeyValues]:
+        """`past`: keys and values of earlier tokens (batch 1 or B), which every new token may attend to, or, with
+        `attn_mask` (B, 1, T, P + T; True where a token may look), those the mask allows."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        mask, causal = None, True
+        mask, causal = attn_mask, attn_mask is None
         if past is not None:
             P = past[0].size(2)
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)  # (B, nh, P + T, hs)
             v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            if mask is None:
+                mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
             causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -67,8 +70,9 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
-        attended, cache = self.attn(self.ln_attn(x), past)
+    def forward(self, x: torch.Tensor, past: KeyValues | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KeyValues]:
+        attended, cache = self.attn(self.ln_attn(x), past, attn_mask)
         x = x + attended
         return x + self.mlp(self.ln_mlp(x)), cache
 
@@ -104,19 +108,21 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.pos_emb.weight.numel() if non_embedding else total
 
-    def hidden_states(self, idx: torch.Tensor, past: list[KeyValues] | None = None
+    def hidden_states(self, idx: torch.Tensor, past: list[KeyValues] | None = None,
+                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, list[KeyValues]]:
         """Final states of `idx` (B, T), and each layer's keys and values; with `past` (from an earlier call on
-        the tokens before `idx`), the new tokens continue that prefix without recomputing it."""
+        the tokens before `idx`), the new tokens continue that prefix without recomputing it. `positions` (B, T)
+        and `attn_mask` (B, 1, T, P + T) let each row continue its own prefix from its own position."""
         start = past[0][0].size(2) if past else 0
-        T = start + idx.size(1)
-        if T > self.config.context_length:
-            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
-        pos = torch.arange(start, T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        if positions is None:
+            positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        if int(positions.max()) >= self.config.context_length:
+            raise ValueError(f"position {int(positions.max())} is past the context length {self.config.context_length}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
         caches = []
         for layer, block in enumerate(self.blocks):
-            x, cache = block(x, past[layer] if past else None)
+            x, cache = block(x, past[layer] if past else None, attn_mask)
             caches.append(cache)
         return self.ln_f(x), caches
 

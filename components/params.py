@@ -146,6 +146,10 @@ class FinetuneParams(Section):
                                  "loss (GPT-1 used 0.5); 0 turns it off.")
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="`balanced` weighs each class's loss by n / (classes x its count), for skewed labels.")
+    pseudo_labels: int = Field(
+        0, ge=0, description="Self-training for label budgets: the fine-tuned model labels the train split's "
+        "unlabeled texts, and this many times the labels per class of its surest guesses per class join a second "
+        "fine-tune from the pre-trained weights; 0 turns it off.")
     patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better val "
                                  "macro-F1; null trains every epoch. The best epoch is kept either way.")
     precision: Precision = Field("auto", description=PRECISION_HELP)

@@ -109,15 +109,17 @@ def test_evaluate_writes_the_reports(tmp_path):
     assert "## Limits" in card and f"{test['accuracy']:.3f} (" in card
 
 
-def test_label_scores_from_the_cached_prefix_match_full_forward_passes():
+def test_label_scores_from_the_cached_prefixes_match_full_forward_passes():
     torch.manual_seed(0)
     lm = GPT(GPTConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=16)).eval()
-    prefix, labels = [3, 7, 1, 9, 4], [[5], [6, 2, 8], [11, 12]]
+    prefixes, labels = [[3, 7, 1, 9, 4], [8, 2], [5, 5, 5, 6, 7, 1, 2]], [[5], [6, 2, 8], [11, 12]]
     lengths = torch.tensor([len(ids) for ids in labels])
     padded = torch.tensor([ids + [0] * (3 - len(ids)) for ids in labels])
-    cached = label_logprobs(lm, prefix, padded, lengths)
+    cached = label_logprobs(lm, prefixes, padded, lengths)
+    assert cached.shape == (3, 3)
     with torch.no_grad():
-        for row, ids in enumerate(labels):
-            logprobs = torch.log_softmax(lm(torch.tensor([prefix + ids])), dim=-1)[0]
-            full = sum(logprobs[len(prefix) - 1 + k, token].item() for k, token in enumerate(ids))
-            assert cached[row].item() == pytest.approx(full, abs=1e-4)
+        for text, prefix in enumerate(prefixes):
+            for row, ids in enumerate(labels):
+                logprobs = torch.log_softmax(lm(torch.tensor([prefix + ids])), dim=-1)[0]
+                full = sum(logprobs[len(prefix) - 1 + k, token].item() for k, token in enumerate(ids))
+                assert cached[text, row].item() == pytest.approx(full, abs=1e-4)
