@@ -7,7 +7,6 @@ intervals, calibration, its worst mistakes, a label-efficiency curve and a model
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -234,19 +233,14 @@ class LabelEfficiency:
         return result
 
     def finetune_from(self, init: str, train: pl.DataFrame | None) -> tuple[Classifier, dict]:
-        """`init` weights fine-tuned on `train`; few labels (not None) train without val labels, enough epochs for
-        evaluate.budget_min_steps, and keep the last epoch."""
-        params = self.params
-        torch.manual_seed(params.seed)
+        """`init` weights fine-tuned on `train`; few labels (not None) train without val labels and keep the last
+        epoch."""
+        torch.manual_seed(self.params.seed)
         backbone = load_backbone(self.pretrained)
         if init == "scratch":
             backbone = GPT(backbone.config)
-        epochs = None
-        if train is not None:
-            steps_per_epoch = math.ceil(train.height / params.finetune.batch_size)
-            epochs = max(params.finetune.epochs, math.ceil(params.evaluate.budget_min_steps / steps_per_epoch))
         with tempfile.TemporaryDirectory(prefix=f"gptpipe-{init}-") as work_dir:
-            return finetune(params, self.prepared, backbone, self.reader.tokenizer, Path(work_dir), train, epochs,
+            return finetune(self.params, self.prepared, backbone, self.reader.tokenizer, Path(work_dir), train,
                             select_on_val=train is None)
 
     def curve(self, finetuned: dict) -> list[dict]:

@@ -203,18 +203,26 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return round(float(grid[nll.argmin()]), 4)
 
 
+def training_epochs(examples: int, cfg: FinetuneParams) -> int:
+    """finetune.epochs, or enough epochs for steps_per_sqrt_example x sqrt(examples) optimizer steps: a recipe that
+    gives 50 examples 15 passes and 1,500 examples 4 (measured: README, "The few-label recipe")."""
+    if cfg.epochs:
+        return cfg.epochs
+    steps_per_epoch = math.ceil(examples / cfg.batch_size)
+    return math.ceil(cfg.steps_per_sqrt_example * math.sqrt(examples) / steps_per_epoch)
+
+
 def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer, work_dir: Path,
-             train: pl.DataFrame | None = None, epochs: int | None = None,
-             select_on_val: bool = True) -> tuple[Classifier, dict]:
+             train: pl.DataFrame | None = None, select_on_val: bool = True) -> tuple[Classifier, dict]:
     """Fine-tune `backbone` (pre-trained, or freshly initialised for the scratch baseline) on `train` (the train
-    split by default) for `epochs` (finetune.epochs by default). With `select_on_val` it keeps the epoch with the
-    best val macro-F1 and fits the temperature on val; without, it uses no val labels and keeps the last epoch."""
+    split by default) for `training_epochs`. With `select_on_val` it keeps the epoch with the best val macro-F1
+    and fits the temperature on val; without, it uses no val labels and keeps the last epoch."""
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
     cfg = params.finetune
-    epochs = epochs or cfg.epochs
     labels = json.loads((prepared / "labels.json").read_text())
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
+    epochs = training_epochs(train.height, cfg)
     context, pad = backbone.config.context_length, tokenizer.token_to_id(PADDING)
     train_rows = labeled_rows(train, tokenizer, labels, context, cfg.max_chunks)
     drawn = cfg.train_windows or cfg.max_chunks

@@ -123,8 +123,12 @@ class FinetuneParams(Section):
         "full", description="`full` trains every weight; `linear_probe` only the head; `ulmfit` discriminative "
         "learning rates, slanted triangular schedule and gradual unfreezing (Howard & Ruder 2018); `lora` low-rank "
         "adapters on the attention and MLP layers, merged into the weights at export.")
-    epochs: int = Field(3, ge=1, description="Passes over the train split (`ulmfit` unfreezes one more layer group "
-                        "per epoch: n_layer + 2 epochs reach the embeddings).")
+    epochs: int | None = Field(
+        None, ge=1, description="Passes over the train split; null: as many as steps_per_sqrt_example asks for. "
+        "(`ulmfit` unfreezes one more layer group per epoch: n_layer + 2 epochs reach the embeddings.)")
+    steps_per_sqrt_example: float = Field(
+        8.0, gt=0, description="With epochs null, optimizer steps = this x the square root of the training "
+        "examples, rounded up to whole epochs: few examples get many passes (50: 15 epochs), many get few (1,500: 4).")
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (the top layer group's for `ulmfit`).")
     weight_decay: float = Field(0.01, ge=0)
@@ -179,8 +183,6 @@ class EvaluateParams(Section):
         default_factory=lambda: [10],
         description="Labels per class for the label-efficiency curve, pre-trained vs scratch; `all` reuses the "
         "fine-tune and adds a full scratch fine-tune. [] skips the curve.")
-    budget_min_steps: int = Field(30, ge=1, description="A label-budget fine-tune runs more epochs when needed to "
-                                  "take at least this many optimizer steps.")
     bootstrap_samples: int = Field(1000, ge=10, description="Resamples of the test split for 95% intervals.")
 
 

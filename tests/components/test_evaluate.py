@@ -77,7 +77,7 @@ def test_evaluate_writes_the_reports(tmp_path):
     prepared, pretrained = make_workspace(tmp_path)
     params = Params.model_validate({**TINY_PARAMS, "evaluate": {
         "baselines": ["tfidf_logreg", "zero_shot", "scratch"], "zero_shot_text_tokens": 8,
-        "label_budgets": [2, "all"], "scratch_labels_per_class": 2, "budget_min_steps": 3,
+        "label_budgets": [2, "all"], "scratch_labels_per_class": 2,
         "bootstrap_samples": 200}})
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
     with tempfile.TemporaryDirectory() as work_dir:

@@ -25,6 +25,7 @@ from components.finetune import (
     layer_groups,
     save_classifier,
     slanted_triangular,
+    training_epochs,
 )
 from components.inference import (
     batches_by_length,
@@ -35,7 +36,7 @@ from components.inference import (
     text_windows,
 )
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
-from components.params import Params
+from components.params import FinetuneParams, Params
 from components.tokenize import PADDING, train_tokenizer
 from tests.conftest import TINY_PARAMS, support_tickets
 
@@ -73,13 +74,13 @@ def tiny_params(**finetune) -> Params:
     return Params.model_validate({**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], **finetune}})
 
 
-def run(workspace, tmp_path, epochs: int | None = None, select_on_val: bool = True, **finetune_options):
+def run(workspace, tmp_path, epochs: int | None = 1, select_on_val: bool = True, **finetune_options):
     prepared, pretrained = workspace
     backbone = load_backbone(pretrained)
     before = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
-    classifier, summary = finetune(tiny_params(**finetune_options), prepared, backbone, tokenizer, tmp_path,
-                                   epochs=epochs, select_on_val=select_on_val)
+    classifier, summary = finetune(tiny_params(epochs=epochs, **finetune_options), prepared, backbone, tokenizer,
+                                   tmp_path, select_on_val=select_on_val)
     after = {name.removeprefix("backbone."): tensor for name, tensor in classifier.state_dict().items()}
     changed = {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
     return classifier, summary, before, changed
@@ -218,6 +219,15 @@ def test_aux_lm_and_balanced_weights_train(workspace, tmp_path):
     targets = torch.tensor([0, 0, 0, 1, 2, 2])
     expected = compute_class_weight("balanced", classes=np.arange(3), y=targets.numpy())
     assert torch.allclose(balanced_weights(targets, 3), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_training_steps_follow_the_number_of_examples(workspace, tmp_path):
+    cfg = FinetuneParams(batch_size=16, steps_per_sqrt_example=8)
+    assert [training_epochs(n, cfg) for n in (20, 50, 1500)] == [18, 15, 4]  # 36, 60 and 376 optimizer steps
+    assert training_epochs(50, cfg.model_copy(update={"epochs": 3})) == 3
+    # 54 examples in batches of 8: sqrt(54) x 1.5 = 11 steps, two epochs of 7
+    _, summary, _, _ = run(workspace, tmp_path, epochs=None, steps_per_sqrt_example=1.5)
+    assert summary["epochs_trained"] == 2
 
 
 def test_early_stopping_ends_when_val_macro_f1_stops_improving(workspace, tmp_path):
