@@ -222,7 +222,7 @@ class LabelEfficiency:
             reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
             guessed = most_confident(reader, unlabeled["text"].to_list(), per_class * params.finetune.pseudo_labels)
             print(f"evaluate: self-training the {init} model with {guessed.height} pseudo-labeled texts", flush=True)
-            model, summary = self.finetune_from(init, pl.concat([train, guessed]))
+            model, summary = self.finetune_from(init, pl.concat([train, guessed.select(train.columns)]))
         reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
         predicted = [labels[i] for i in reader.predict_logits(self.test["text"].to_list()).argmax(-1).tolist()]
         result = {"test": scores(self.test["label"].to_list(), predicted, labels, params.evaluate.bootstrap_samples,
