@@ -188,7 +188,7 @@ def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int) -
     guesses = pl.DataFrame({"text": texts, "label": [reader.labels[i] for i in predicted.tolist()],
                             "confidence": confidence.tolist()})
     return (guesses.sort("confidence", descending=True, maintain_order=True)
-            .group_by("label", maintain_order=True).head(per_class).drop("confidence"))
+            .group_by("label", maintain_order=True).head(per_class).select("text", "label"))
 
 
 def per_class_sample(train: pl.DataFrame, labels: list[str], count: int, seed: int) -> pl.DataFrame:
@@ -216,18 +216,21 @@ class LabelEfficiency:
         print(f"evaluate: fine-tuning the {init} model on {per_class or 'all'} labels per class", flush=True)
         train = None if per_class is None else per_class_sample(self.train, labels, per_class, params.seed)
         model, summary = self.finetune_from(init, train)
+        pseudo_labeled = 0
         if train is not None and params.finetune.pseudo_labels:
             # Self-training: the model labels the train split's other texts, and its surest guesses join the labels.
             unlabeled = self.train.join(train.select("text"), on="text", how="anti")
             reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
             guessed = most_confident(reader, unlabeled["text"].to_list(), per_class * params.finetune.pseudo_labels)
             print(f"evaluate: self-training the {init} model with {guessed.height} pseudo-labeled texts", flush=True)
-            model, summary = self.finetune_from(init, pl.concat([train, guessed.select(train.columns)]))
+            model, summary = self.finetune_from(init, pl.concat([train, guessed]))
+            pseudo_labeled = guessed.height
         reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
         predicted = [labels[i] for i in reader.predict_logits(self.test["text"].to_list()).argmax(-1).tolist()]
         result = {"test": scores(self.test["label"].to_list(), predicted, labels, params.evaluate.bootstrap_samples,
                                  params.seed),
-                  "labels_per_class": per_class, "train_examples": summary["train_examples"],
+                  "labels_per_class": per_class, "train_examples": summary["train_examples"] - pseudo_labeled,
+                  "pseudo_labeled": pseudo_labeled,
                   "epochs": summary["epochs_trained"]}
         self.runs[(init, per_class)] = result
         return result

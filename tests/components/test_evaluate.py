@@ -17,13 +17,14 @@ from components.evaluate import (
     evaluate,
     expected_calibration_error,
     label_logprobs,
+    most_confident,
     per_class_sample,
     resampled_scores,
     scores,
 )
 from components.finetune import finetune, fit_temperature, save_classifier
-from components.inference import load_backbone
-from components.model import GPT, GPTConfig
+from components.inference import LoadedClassifier, load_backbone
+from components.model import GPT, Classifier, GPTConfig
 from components.params import Params
 from tests.components.test_finetune import make_workspace
 from tests.conftest import TINY_PARAMS
@@ -75,7 +76,8 @@ def test_label_budgets_sample_each_class_deterministically():
 
 def test_evaluate_writes_the_reports(tmp_path):
     prepared, pretrained = make_workspace(tmp_path)
-    params = Params.model_validate({**TINY_PARAMS, "evaluate": {
+    params = Params.model_validate({**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "pseudo_labels": 1},
+                                    "evaluate": {
         "baselines": ["tfidf_logreg", "zero_shot", "scratch"], "zero_shot_text_tokens": 8,
         "label_budgets": [2, "all"], "scratch_labels_per_class": 2,
         "bootstrap_samples": 200}})
@@ -93,6 +95,8 @@ def test_evaluate_writes_the_reports(tmp_path):
     for name in ("scratch", "tfidf_logreg", "zero_shot"):
         assert 0 <= metrics["baselines"][name]["test"]["macro_f1"] <= 1
     assert metrics["baselines"]["scratch"]["labels_per_class"] == 2
+    assert metrics["baselines"]["scratch"]["train_examples"] == 6  # labeled; self-training added its guesses
+    assert 1 <= metrics["baselines"]["scratch"]["pseudo_labeled"] <= 6
 
     curve = json.loads((out / "label_efficiency.json").read_text())
     assert [row["labels_per_class"] for row in curve] == [2, None]  # null: every training label
@@ -107,6 +111,22 @@ def test_evaluate_writes_the_reports(tmp_path):
     assert (out / "mistakes.md").read_text().startswith("| confidence | true | predicted | text |")
     card = (out / "model_card.md").read_text()
     assert "## Limits" in card and f"{test['accuracy']:.3f} (" in card
+
+
+def test_self_training_takes_the_surest_guesses_of_each_class(tmp_path):
+    prepared, pretrained = make_workspace(tmp_path)
+    tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
+    labels = json.loads((prepared / "labels.json").read_text())
+    torch.manual_seed(0)
+    reader = LoadedClassifier(Classifier(load_backbone(pretrained), len(labels)), tokenizer, labels, 1.0, 2)
+    texts = pl.read_parquet(prepared / "train.parquet")["text"].to_list()
+    confidence, predicted = reader.predict_proba(texts).max(dim=-1)
+    picked = most_confident(reader, texts, 3)
+    assert picked.columns == ["text", "label"]
+    for index, label in enumerate(labels):
+        guessed = [(c, t) for c, p, t in zip(confidence.tolist(), predicted.tolist(), texts, strict=True) if p == index]
+        surest = {text for _, text in sorted(guessed, reverse=True)[:3]}
+        assert set(picked.filter(pl.col("label") == label)["text"]) == surest
 
 
 def test_label_scores_from_the_cached_prefixes_match_full_forward_passes():
