@@ -130,7 +130,7 @@ class FinetuneParams(Section):
         8.0, gt=0, description="With epochs null, optimizer steps = this x the square root of the training "
         "examples, rounded up to whole epochs: few examples get many passes (50: 15 epochs), many get few (1,500: 4).")
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (the top layer group's for `ulmfit`).")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (the top layer group's for `ulmfit`).")
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Linear warmup before the cosine decay "
                                    "(`full`, `linear_probe`, `lora`).")
@@ -151,7 +151,7 @@ class FinetuneParams(Section):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="`balanced` weighs each class's loss by n / (classes x its count), for skewed labels.")
     pseudo_labels: int = Field(
-        0, ge=0, description="Self-training for label budgets: the fine-tuned model labels the train split's "
+        4, ge=0, description="Self-training for label budgets: the fine-tuned model labels the train split's "
         "unlabeled texts, and this many times the labels per class of its surest guesses per class join a second "
         "fine-tune from the pre-trained weights; 0 turns it off.")
     patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better val "
