@@ -36,6 +36,7 @@ from components.inference import (
 )
 from components.model import GPT, Classifier, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
+from components.sources import file_sha256
 from components.tokenize import PADDING
 from components.training import make_trainer, warmup_cosine
 
@@ -271,7 +272,8 @@ def save_classifier(classifier: Classifier, tokenizer_file: Path, summary: dict,
     with atomic_dir(out) as staging:
         save_model(classifier, str(staging / "model.safetensors"))
         meta = {"gpt": classifier.backbone.config.to_dict(), "labels": summary["labels"], "pooling": cfg.pooling,
-                "max_chunks": cfg.max_chunks, "temperature": summary.get("temperature", 1.0)}
+                "max_chunks": cfg.max_chunks, "temperature": summary.get("temperature", 1.0),
+                "tokenizer_sha256": file_sha256(tokenizer_file)}
         (staging / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copy(tokenizer_file, staging / "tokenizer.json")
         (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

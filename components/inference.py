@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from components.errors import InputError
 from components.model import GPT, Classifier, GPTConfig
+from components.sources import file_sha256
 from components.tokenize import PADDING
 
 PREDICT_BATCH = 32
@@ -110,6 +111,10 @@ def load_classifier(folder: Path) -> LoadedClassifier:
     meta = json.loads((folder / "classifier.json").read_text())
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     backbone = GPT(GPTConfig(**meta["gpt"]))
+    trained_with = meta.get("tokenizer_sha256")  # absent in folders written before it was recorded
+    if trained_with and file_sha256(folder / "tokenizer.json") != trained_with:
+        raise InputError(f"{folder}/tokenizer.json: not the tokenizer this classifier was trained with (sha256 "
+                         f"differs from classifier.json's tokenizer_sha256); copy back the folder's own tokenizer")
     if tokenizer.get_vocab_size() != backbone.config.vocab_size:
         raise InputError(f"{folder}/tokenizer.json: vocabulary of {tokenizer.get_vocab_size()} does not match the "
                          f"model's {backbone.config.vocab_size}; the folder mixes two trainings")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_model
 from sklearn.utils.class_weight import compute_class_weight
 from tokenizers import Tokenizer
 
+from components.errors import InputError
 from components.finetune import (
     DrawWindows,
     ShuffledBuckets,
@@ -159,6 +160,13 @@ def test_lora_trains_low_rank_updates_and_exports_plain_weights(workspace, tmp_p
     with torch.no_grad():
         expected = torch.softmax(classifier(ids, mask) / summary["temperature"], dim=-1)
     assert torch.allclose(loaded.predict_proba(texts), expected, atol=1e-5)
+
+    # another tokenizer of the same vocabulary size in the folder: refused, not silently used
+    other = train_tokenizer((text[::-1] for text in texts * 20), TINY.vocab_size, 2)
+    other.save(str(out / "tokenizer.json"))
+    assert other.get_vocab_size() == loaded.tokenizer.get_vocab_size()
+    with pytest.raises(InputError, match="not the tokenizer this classifier was trained with"):
+        load_classifier(out)
 
 
 def test_lora_merge_gives_the_same_logits():
