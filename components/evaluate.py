@@ -182,11 +182,15 @@ def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str]
     return guesses
 
 
-def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int) -> pl.DataFrame:
-    """Up to `per_class` of `texts` for each label, those the classifier is surest of, with its labels."""
+def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int,
+                   agreeing: list[str] | None = None) -> pl.DataFrame:
+    """Up to `per_class` of `texts` for each label, those the classifier is surest of, with its labels; with
+    `agreeing` (another model's labels for the same texts), only texts where both models agree."""
     confidence, predicted = reader.predict_proba(texts).max(dim=-1)
     guesses = pl.DataFrame({"text": texts, "label": [reader.labels[i] for i in predicted.tolist()],
                             "confidence": confidence.tolist()})
+    if agreeing is not None:
+        guesses = guesses.filter(pl.col("label") == pl.Series(agreeing))
     return (guesses.sort("confidence", descending=True, maintain_order=True)
             .group_by("label", maintain_order=True).head(per_class).select("text", "label"))
 
@@ -221,7 +225,10 @@ class LabelEfficiency:
             # Self-training: the model labels the train split's other texts, and its surest guesses join the labels.
             unlabeled = self.train.join(train.select("text"), on="text", how="anti")
             reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
-            guessed = most_confident(reader, unlabeled["text"].to_list(), per_class * params.finetune.pseudo_labels)
+            second_view = (tfidf_logreg(train, unlabeled, params.seed) if params.finetune.pseudo_label_agreement
+                           else None)
+            guessed = most_confident(reader, unlabeled["text"].to_list(), per_class * params.finetune.pseudo_labels,
+                                     second_view)
             print(f"evaluate: self-training the {init} model with {guessed.height} pseudo-labeled texts", flush=True)
             model, summary = self.finetune_from(init, pl.concat([train, guessed]))
             pseudo_labeled = guessed.height

@@ -154,6 +154,10 @@ class FinetuneParams(Section):
         4, ge=0, description="Self-training for label budgets: the fine-tuned model labels the train split's "
         "unlabeled texts, and this many times the labels per class of its surest guesses per class join a second "
         "fine-tune from the pre-trained weights; 0 turns it off.")
+    pseudo_label_agreement: bool = Field(
+        True, description="Self-training keeps only the guesses that TF-IDF + logistic regression, trained on the "
+        "same labels, agrees with (co-training with a second view, Blum & Mitchell 1998): a weak model's confident "
+        "mistakes would otherwise teach it its own errors.")
     patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better val "
                                  "macro-F1; null trains every epoch. The best epoch is kept either way.")
     precision: Precision = Field("auto", description=PRECISION_HELP)

@@ -127,6 +127,8 @@ def test_self_training_takes_the_surest_guesses_of_each_class(tmp_path):
         guessed = [(c, t) for c, p, t in zip(confidence.tolist(), predicted.tolist(), texts, strict=True) if p == index]
         surest = {text for _, text in sorted(guessed, reverse=True)[:3]}
         assert set(picked.filter(pl.col("label") == label)["text"]) == surest
+    agreeing = most_confident(reader, texts, 3, agreeing=[labels[int(predicted[0])]] * len(texts))
+    assert set(agreeing["label"]) == {labels[int(predicted[0])]}  # the others' guesses have no second vote
 
 
 def test_label_scores_from_the_cached_prefixes_match_full_forward_passes():
