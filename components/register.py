@@ -21,7 +21,9 @@ def git_state(repo: Path) -> dict:
         done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    # dvc.lock records this run's outputs (kept in the lineage as dvc_lock), not code: it alone leaves the code clean.
+    changed = git("status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed)}
 
 
 def dvc_lock_hashes(lock_file: Path) -> dict:
