@@ -15,14 +15,16 @@ import json
 import logging
 import os
 import signal
-import sys
+import threading
 from pathlib import Path
 
 from components import layout
 from components.errors import InputError, exit_on_input_error
 from components.params import PARAMS_FILE, load_params
 
-STOP_GRACE_SECONDS = 8.0  # SIGTERM to SIGKILL for the run's processes; `gptpipe run` ends within 10 s
+# A signal ends `gptpipe run` within 10 s: the flow run reported crashed, then SIGTERM to SIGKILL for its processes.
+REPORT_SECONDS = 1.5
+STOP_GRACE_SECONDS = 7.0
 
 
 def registry_uri(args: argparse.Namespace) -> str:
@@ -44,22 +46,61 @@ def hide_bad_input_tracebacks(error_type: type[Exception]) -> None:
             handler.addFilter(keep)
 
 
+def report_crash(signal_name: str) -> None:
+    """Mark the flow run this process is in Crashed, as Prefect's own SIGTERM handler would, so the UI does not
+    show it running on. Best effort, at most REPORT_SECONDS: the API may be gone (a temporary server gets the
+    signal too when it is sent to the run's process group) or the interrupted code may hold a lock the client
+    needs. The run's own client: a new one could start another temporary server."""
+    from prefect.context import FlowRunContext
+    from prefect.states import Crashed
+
+    context = FlowRunContext.get()
+    if not context or not context.flow_run:
+        return
+    state = Crashed(message=f"gptpipe run stopped by {signal_name}")
+    thread = threading.Thread(target=context.client.set_flow_run_state, args=(context.flow_run.id, state),
+                              kwargs={"force": True}, daemon=True)
+    thread.start()
+    thread.join(REPORT_SECONDS)
+
+
 def stop_run(signum: int, _frame) -> None:
     """SIGTERM or Ctrl-C: stop every process this run started (servers, `dvc repro` and training, which keeps
-    its last checkpoint) and exit at once, rather than wait for Prefect's shutdown to retry its event stream."""
+    its last checkpoint), reap them, and exit, within STOP_GRACE_SECONDS + REPORT_SECONDS. A second signal
+    changes nothing."""
     import psutil
 
+    for ignored in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(ignored, signal.SIG_IGN)
+    name = signal.Signals(signum).name
+    with contextlib.suppress(Exception):
+        report_crash(name)
     children = psutil.Process().children(recursive=True)
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=STOP_GRACE_SECONDS)
+    _, alive = psutil.wait_procs(children, timeout=STOP_GRACE_SECONDS)  # reaps this process's own children
     for child in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-    print(f"gptpipe: stopped by {signal.Signals(signum).name}; training resumes from its last checkpoint on the "
-          "next run", file=sys.stderr)
+    psutil.wait_procs(alive, timeout=1)
+    # os.write: the signal may have interrupted a write to stderr, and print would fail on its buffer's lock.
+    os.write(2, f"gptpipe: stopped by {name}; training resumes from its last checkpoint on the next run\n".encode())
     os._exit(128 + signum)
+
+
+def own_stop_signals() -> None:
+    """SIGTERM and SIGINT go to stop_run for the whole run. Prefect's flow engine would swap in, for the flow run,
+    a SIGTERM handler of its own that raises into the flow and reports the crash before anything stops; with the
+    API gone (a signal to the run's process group also stops the temporary server) that report retries for
+    minutes, and the run lingers with its stopped children unreaped. `gptpipe run` has no runner to take
+    cancellations through that handler, so the engine is told not to install it."""
+    from prefect import flow_engine
+
+    if hasattr(flow_engine, "capture_sigterm"):
+        flow_engine.capture_sigterm = contextlib.nullcontext
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_run)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -72,8 +113,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from flows.stages import StageInputError
 
     hide_bad_input_tracebacks(StageInputError)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop_run)
+    own_stop_signals()
     try:
         result = retrain(params=params, push=args.push, isolate=args.isolate)
     except StageInputError as error:
