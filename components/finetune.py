@@ -158,8 +158,9 @@ class DrawWindows:
     drawn at random: a training step costs `count` windows whatever the text's length, and every epoch sees other
     parts of long texts; with `count` = max_chunks (validation) every window is kept."""
 
-    def __init__(self, count: int, pad: int, seed: int):
-        self.count, self.pad, self.generator = count, pad, torch.Generator().manual_seed(seed)
+    def __init__(self, count: int, pad: int, context_length: int, seed: int):
+        self.count, self.pad, self.context = count, pad, context_length
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, rows: LabeledRows) -> list[torch.Tensor]:
         picked = []
@@ -168,7 +169,7 @@ class DrawWindows:
                 keep = torch.randperm(len(windows), generator=self.generator)[: self.count].sort().values
                 windows = [windows[i] for i in keep.tolist()]
             picked.append(windows)
-        ids, mask = pad_windows(picked, self.pad)
+        ids, mask = pad_windows(picked, self.pad, self.context)
         return [ids, mask, torch.tensor([label for _, label in rows])]
 
 
@@ -229,12 +230,12 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     drawn = cfg.train_windows or cfg.max_chunks
     lengths = [min(token_count(windows), drawn * context) for windows, _ in train_rows]
     train_loader = DataLoader(train_rows, batch_sampler=ShuffledBuckets(lengths, cfg.batch_size, params.seed),
-                              collate_fn=DrawWindows(drawn, pad, params.seed))
+                              collate_fn=DrawWindows(drawn, pad, context, params.seed))
     val_rows, val_loader = [], None
     if select_on_val:
         val_rows = labeled_rows(pl.read_parquet(prepared / "val.parquet"), tokenizer, labels, context, cfg.max_chunks)
         val_loader = DataLoader(val_rows, batch_sampler=batches_by_length([w for w, _ in val_rows], cfg.batch_size),
-                                collate_fn=DrawWindows(cfg.max_chunks, pad, params.seed))
+                                collate_fn=DrawWindows(cfg.max_chunks, pad, context, params.seed))
     # build
     targets = torch.tensor([label for _, label in train_rows])
     weights = balanced_weights(targets, len(labels)) if cfg.class_weights == "balanced" else None

@@ -31,11 +31,16 @@ def text_windows(tokenizer: Tokenizer, texts: list[str], context_length: int, ma
     return rows
 
 
-def pad_windows(rows: list[Windows], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and mask (B, K, T), K the most windows and T the longest window of these rows only, so a batch
-    pays for its own longest text, not the data set's; mask 1 for real tokens."""
+PAD_MULTIPLE = 8  # batch widths rounded up to this: few distinct shapes, so the CPU's kernel caches stay warm
+
+
+def pad_windows(rows: list[Windows], pad: int, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask (B, K, T), K the most windows and T the longest window of these rows only (rounded up to
+    a multiple of 8, at most the context), so a batch pays for its own longest text, not the data set's; mask 1
+    for real tokens."""
     chunks = max(len(windows) for windows in rows)
-    width = max(len(window) for windows in rows for window in windows)
+    longest = max(len(window) for windows in rows for window in windows)
+    width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, context_length)
     batch = torch.full((len(rows), chunks, width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), chunks, width), dtype=torch.long)
     for row, windows in enumerate(rows):
@@ -48,7 +53,8 @@ def pad_windows(rows: list[Windows], pad: int) -> tuple[torch.Tensor, torch.Tens
 def encode_chunks(tokenizer: Tokenizer, texts: list[str], context_length: int,
                   max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`texts` as one padded batch (B, K, T) of their windows."""
-    return pad_windows(text_windows(tokenizer, texts, context_length, max_chunks), tokenizer.token_to_id(PADDING))
+    rows = text_windows(tokenizer, texts, context_length, max_chunks)
+    return pad_windows(rows, tokenizer.token_to_id(PADDING), context_length)
 
 
 def token_count(windows: Windows) -> int:
@@ -66,9 +72,10 @@ def batches_by_length(rows: list[Windows], batch_size: int) -> list[list[int]]:
 def classify_windows(model: Classifier, rows: list[Windows], pad: int, batch_size: int) -> torch.Tensor:
     """Logits (N, classes) of texts given as windows, batched by length and returned in the rows' order."""
     model.eval()
+    context = model.backbone.config.context_length
     logits = torch.empty(len(rows), model.head.out_features)
     for batch in batches_by_length(rows, batch_size):
-        logits[batch] = model(*pad_windows([rows[i] for i in batch], pad)).float()
+        logits[batch] = model(*pad_windows([rows[i] for i in batch], pad, context)).float()
     return logits
 
 

@@ -259,7 +259,7 @@ def test_temperature_fitted_on_overconfident_logits_lowers_nll():
 def test_training_batches_draw_real_windows_at_random_and_keep_short_texts_whole():
     # Text 0 fills 4 windows of 3 tokens, text 1 one window of 2; window k of text t holds the id 10 * t + k + 1.
     rows = [([[k + 1] * 3 for k in range(4)], 0), ([[11, 11]], 1)]
-    draw = DrawWindows(2, pad=0, seed=0)
+    draw = DrawWindows(2, pad=0, context_length=3, seed=0)
     seen = set()
     for _ in range(20):
         picked_ids, picked_mask, labels = draw(rows)
@@ -268,7 +268,7 @@ def test_training_batches_draw_real_windows_at_random_and_keep_short_texts_whole
         assert picked_ids[1, 0, :2].tolist() == [11, 11] and picked_mask[1].sum() == 2, "text 1 lost its window"
         seen.add(tuple(sorted(picked_ids[0, :, 0].tolist())))
     assert len(seen) > 3, "the same windows every time: not drawn at random"
-    whole_ids, whole_mask, _ = DrawWindows(4, pad=0, seed=0)(rows)
+    whole_ids, whole_mask, _ = DrawWindows(4, pad=0, context_length=3, seed=0)(rows)
     assert whole_ids.shape == (2, 4, 3) and whole_mask[0].sum() == 12 and whole_mask[1].sum() == 2
 
 
