@@ -94,7 +94,7 @@ def test_predict_answers_from_the_registry(first_run):
 
 def test_changed_param_reruns_only_downstream(first_run):
     project, env, _ = first_run
-    result = gptpipe("run", "--set", "pretrain.max_steps=8", "--set", "finetune.learning_rate=0.001",
+    result = gptpipe("run", "--set", "pretrain.max_steps=8", "--set", "finetune.learning_rate=0.003",
                      cwd=project, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stages run: finetune, evaluate" in result.stdout
