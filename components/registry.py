@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from components.atomic import write_bytes_atomic
 from components.errors import InputError
-from components.sources import s3_client, s3_error, split_s3_uri
+from components.sources import file_sha256, s3_client, s3_error, split_s3_uri
 
 ALIAS_WRITE_ATTEMPTS = 20
 LATEST = "latest"
@@ -89,14 +89,6 @@ def inside(root: Path, relative: str, what: str) -> Path:
 
 def cache_root() -> Path:
     return Path(os.environ.get("GPTPIPE_CACHE", Path.home() / ".cache" / "gptpipe")) / "registry"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class LocalStore:
@@ -363,7 +355,7 @@ class Registry:
         files = {}
         for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             relative = check_key(file.relative_to(folder).as_posix(), "file")
-            files[relative] = sha256_file(file)
+            files[relative] = file_sha256(file)
             self._call("upload", self.store.upload, f"{blob}/{relative}", file)
         version = (self.versions(name) or [0])[-1] + 1
         while True:
@@ -387,7 +379,7 @@ class Registry:
         if target.is_dir():
             for relative, digest in manifest["files"].items():
                 cached = inside(target, relative, f"{label} file")
-                if not cached.is_file() or sha256_file(cached) != digest:
+                if not cached.is_file() or file_sha256(cached) != digest:
                     raise InputError(f"registry {self.uri}: cached copy {cached} of {label}/{relative} does not match "
                                      f"the sha256 its manifest recorded ({digest[:12]}...); it was changed after "
                                      f"download: delete {target} to download the version again")
@@ -399,7 +391,7 @@ class Registry:
                 local = inside(staging, relative, f"{label} file")
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self._call("download", self.store.download, f"{manifest['blob']}/{relative}", local)
-                if sha256_file(local) != digest:
+                if file_sha256(local) != digest:
                     raise InputError(f"registry {self.uri}: {label}/{relative} does not match the sha256 its manifest "
                                      f"recorded ({digest[:12]}...); the stored copy was changed or damaged, register "
                                      "the model again")
