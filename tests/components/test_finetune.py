@@ -229,6 +229,24 @@ def test_aux_lm_and_balanced_weights_train(workspace, tmp_path):
     assert torch.allclose(balanced_weights(targets, 3), torch.tensor(expected, dtype=torch.float32))
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_training_loss_is_the_class_weighted_loss_plus_the_weighted_next_token_loss():
+    """On a fixed batch: sum_i w[y_i] * nll_i / sum_i w[y_i] + aux_lm_weight * mean next-token nll."""
+    torch.manual_seed(0)
+    ids, labels = torch.randint(0, TINY.vocab_size, (6, 12)), torch.tensor([0, 0, 0, 1, 2, 2])
+    weights = balanced_weights(labels, 3)
+    cfg = FinetuneParams(aux_lm_weight=0.5, class_weights="balanced")
+    module = TextClassifier(Classifier(GPT(TINY), 3), cfg, total_steps=1, class_weight=weights).eval()
+    with torch.no_grad():
+        loss = module.training_step([ids, torch.ones_like(ids), labels], 0)
+        nll = -F.log_softmax(module.classifier(ids, torch.ones_like(ids)).double(), dim=-1)[torch.arange(6), labels]
+        classes = (weights.double()[labels] * nll).sum() / weights.double()[labels].sum()
+        next_token = -F.log_softmax(module.classifier.backbone(ids)[:, :-1].double(), dim=-1)
+        lm = next_token.gather(-1, ids[:, 1:, None]).mean()
+    assert weights.tolist() == pytest.approx([2 / 3, 2.0, 1.0])
+    assert loss.item() == pytest.approx((classes + 0.5 * lm).item(), rel=1e-5)
+
+
 def test_training_steps_follow_the_number_of_examples(workspace, tmp_path):
     cfg = FinetuneParams(batch_size=16, steps_per_sqrt_example=8)
     assert [training_epochs(n, cfg) for n in (20, 50, 1500)] == [18, 15, 4]  # 36, 60 and 376 optimizer steps
