@@ -90,7 +90,7 @@ def test_foundation_resumes_after_kill(corpus, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"foundation": {**TINY_FOUNDATION, "corpus": {
         **TINY_FOUNDATION["corpus"], "paths": [str(corpus)]}, "pretrain": {
-        **TINY_FOUNDATION["pretrain"], "max_steps": 400, "checkpoint_every_n_steps": 25, "val_every_n_steps": 400}}}))
+        **TINY_FOUNDATION["pretrain"], "max_steps": 100, "checkpoint_every_n_steps": 25, "val_every_n_steps": 100}}}))
     command = [sys.executable, "-m", "components.foundation", "--params", str(params), "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,4 +103,4 @@ def test_foundation_resumes_after_kill(corpus, tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 25 and metrics["tokens_seen"] == 400 * 4 * 16
+    assert metrics["resumed_from_step"] >= 25 and metrics["tokens_seen"] == 100 * 4 * 16

@@ -56,7 +56,7 @@ def kill_after_first_checkpoint(project, env, saved=None, **pretrain) -> list[st
     """Start pre-training, SIGKILL it once `saved()` says a checkpoint is kept (default: on local disk);
     returns the command to rerun."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["pretrain"].update(max_steps=400, checkpoint_every_n_steps=20, val_every_n_steps=200, **pretrain)
+    params["pretrain"].update(max_steps=100, checkpoint_every_n_steps=20, val_every_n_steps=50, **pretrain)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "components.pretrain"]
     process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,7 +79,7 @@ def rerun_and_check_resumed(project, env, command) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((project / "models/pretrained/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
-    assert metrics["steps"] == 400
+    assert metrics["steps"] == 100
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"]["checkpoint_uri"] = None  # the uninterrupted run must not find the mirrored checkpoint
     (project / "params.yaml").write_text(yaml.safe_dump(params))
