@@ -302,7 +302,8 @@ def test_cancelling_stops_training_on_the_other_machine_and_a_retry_resumes_ther
 def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
     team = deployed
     on_new_data = deployment(prefect_api, "on-new-data")
-    pl.DataFrame(support_tickets(seed=3)).write_csv(team.a / "new-labeled.csv")
+    announced = pl.DataFrame(support_tickets(rows_per_label=37, seed=3))  # a row count no other file here has
+    announced.write_csv(team.a / "new-labeled.csv")
     result = gptpipe("notify", "labeled", "--path", "new-labeled.csv", cwd=team.a,
                      env={"PREFECT_API_URL": prefect_api})
     assert result.returncode == 0, result.stderr
@@ -313,8 +314,10 @@ def test_notify_starts_the_on_new_data_deployment(prefect_api, deployed):
                    {"flow_runs": {"deployment_id": {"any_": [on_new_data["id"]]}}})
         time.sleep(1)
     assert runs, "the event did not start a run of retrain/on-new-data"
-    assert runs[0]["parameters"]["data_path"] == "new-labeled.csv"  # the run reads the announced file (on A)
+    assert runs[0]["parameters"]["data_path"] == "new-labeled.csv"
     assert wait_for_final_state(prefect_api, runs[0]["id"])["state"]["type"] == "COMPLETED"
+    ingest = children(prefect_api, runs[0]["id"])["ingest"]
+    assert f"ingest: {announced.height} rows read" in run_logs(prefect_api, [ingest["id"]])  # it read that file
 
 
 def test_ui_shows_the_deployment_its_parameter_form_and_plots(prefect_api, deployed, tmp_path):
