@@ -37,6 +37,7 @@ from components.sources import corpus_files, file_sha256, local_files, unlabeled
 from components.tokenize import take_chars, train_tokenizer, write_token_stream
 
 WORK_ROOT = Path(".gptpipe/foundation")
+TOKENS_FORMAT = 2  # raised when the code changes what a cached token folder holds (2: a BPE without held-out text)
 
 
 def source_of(uri: str) -> str:
@@ -49,17 +50,27 @@ def is_held_out(text: str, fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8", "surrogatepass")) < fraction * 2**32
 
 
+def split_held_out(batch: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """A batch's documents, blank ones skipped, as (training side, held-out side)."""
+    train, held_out = [], []
+    for text in batch:
+        if text and not text.isspace():
+            (held_out if is_held_out(text, fraction) else train).append(text)
+    return train, held_out
+
+
 def file_batches(uri: str, cfg: FoundationParams) -> Iterator[tuple[Path, Iterator[list[str]]]]:
     for local in local_files(uri):
         yield local, unlabeled_batches(str(local), cfg.corpus.text_column)
 
 
 def tokenizer_sample(files: list[str], cfg: FoundationParams) -> Iterator[list[str]]:
-    """The start of every file, an equal share of `train_max_mb` each, so every source shapes the vocabulary."""
+    """The start of every file's training side, an equal share of `train_max_mb` each, so every source shapes the
+    vocabulary; held-out documents stay unseen by the tokenizer as by the model, so their perplexity is honest."""
     share = cfg.tokenizer.train_max_mb * 1e6 / len(files) if cfg.tokenizer.train_max_mb else None
     for uri in files:
         for _, batches in file_batches(uri, cfg):
-            yield from take_chars(batches, share)
+            yield from take_chars((split_held_out(batch, cfg.corpus.val_fraction)[0] for batch in batches), share)
 
 
 def combined(entries: list[dict]) -> dict:
@@ -84,16 +95,10 @@ def encode_corpus(files: list[str], tokenizer: Tokenizer, cfg: FoundationParams,
 
                 def train_side(batches=batches, counts=counts, source=source) -> Iterator[list[str]]:
                     for batch in batches:
-                        kept = []
-                        for text in batch:
-                            if not text or text.isspace():
-                                continue
-                            counts["documents"] += 1
-                            if is_held_out(text, cfg.corpus.val_fraction):
-                                counts["held_out"] += 1
-                                held_out[source].append(text)
-                            else:
-                                kept.append(text)
+                        kept, held = split_held_out(batch, cfg.corpus.val_fraction)
+                        counts["documents"] += len(kept) + len(held)
+                        counts["held_out"] += len(held)
+                        held_out[source].extend(held)
                         yield kept
 
                 entry = write_token_stream(tokenizer, train_side(), staging, f"train-{index:05d}",
@@ -132,7 +137,7 @@ def held_out_perplexity(model: GPT, tokens: Path, entry: dict, batches: int, see
 
 def corpus_key(files: list[dict], cfg: FoundationParams, tokenizer_from: str | None) -> str:
     identity = {"files": files, "tokenizer": cfg.tokenizer.model_dump(), "val_fraction": cfg.corpus.val_fraction,
-                "text_column": cfg.corpus.text_column, "tokenizer_from": tokenizer_from}
+                "text_column": cfg.corpus.text_column, "tokenizer_from": tokenizer_from, "format": TOKENS_FORMAT}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -2,9 +2,10 @@
 
     python -m components.tokenize --prepared data/prepared --out data/tokens
 
-The corpus is the train split plus `data.unlabeled.paths`, streamed in batches so it may be larger than memory;
-an unlabeled text equal (after normalising) to a validation or test text is dropped and counted. Validation
-texts are encoded separately for the held-out perplexity, and test texts never enter either.
+The corpus is the train split plus `data.unlabeled.paths`, streamed in batches so it may be larger than memory.
+Validation and test texts are kept out of it (components/held_out.py): an unlabeled text equal to one is dropped,
+one embedded in a longer text is cut out of it, and both are counted. Validation texts are encoded separately for
+the held-out perplexity, and test texts never enter either.
 """
 
 import argparse
@@ -27,7 +28,8 @@ from components import layout
 from components.atomic import atomic_dir
 from components.checkpoints import Foundation, resolve_foundation
 from components.errors import exit_on_input_error
-from components.ingest import length_stats, normalise
+from components.held_out import HeldOutTexts
+from components.ingest import length_stats
 from components.params import Params, load_params
 from components.sources import unlabeled_batches
 
@@ -82,25 +84,16 @@ def parquet_texts(path: Path) -> Iterator[list[str]]:
         yield batch.column("text").to_pylist()
 
 
-def corpus_batches(params: Params, prepared: Path, held_out: set[str], counts: Counter) -> Iterator[list[str]]:
-    """The pre-training corpus: the train split, then the unlabeled texts that are neither blank nor a
-    validation or test text (compared after normalising)."""
+def corpus_batches(params: Params, prepared: Path, held_out: HeldOutTexts,
+                   counts: dict[str, Counter]) -> Iterator[list[str]]:
+    """The pre-training corpus: the train split, then the unlabeled texts, both without blank texts and without
+    validation or test text (see `HeldOutTexts.scrub`); `counts` receives what was kept, dropped and cut, per side."""
     for batch in parquet_texts(prepared / "train.parquet"):
-        counts["train_texts"] += len(batch)
-        yield batch
+        yield held_out.scrub(batch, counts["train"])
     unlabeled = params.data.unlabeled
     for path in unlabeled.paths:
-        for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts):
-            kept = []
-            for text in batch:
-                if not text or text.isspace():
-                    counts["blank"] += 1
-                elif held_out and normalise(text) in held_out:
-                    counts["leakage"] += 1
-                else:
-                    kept.append(text)
-            counts["unlabeled_texts"] += len(kept)
-            yield kept
+        for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts["unlabeled"]):
+            yield held_out.scrub(batch, counts["unlabeled"])
 
 
 class ShardWriter:
@@ -171,32 +164,45 @@ def write_token_stream(tokenizer: Tokenizer, batches: Iterable[list[str]], folde
             else None}
 
 
+def corpus_counts() -> dict[str, Counter]:
+    return {"train": Counter(), "unlabeled": Counter()}
+
+
+def corpus_report(counts: dict[str, Counter]) -> dict:
+    """How many train and unlabeled texts went into the corpus, which were dropped and why, and how many
+    validation or test passages were cut out of the ones kept."""
+    train, unlabeled = counts["train"], counts["unlabeled"]
+    return {"train_texts": train["kept"], "unlabeled_texts": unlabeled["kept"],
+            "unlabeled_dropped": {"blank": unlabeled["blank"], "leakage": unlabeled["equal"],
+                                  "undecodable": unlabeled["undecodable"]},
+            "held_out_cut": {side: {"passages": counts[side]["passages"], "chars": counts[side]["chars"]}
+                             for side in ("train", "unlabeled")}}
+
+
 def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = None,
              foundation: Foundation | None = None) -> dict:
     """Train the tokenizer (or take the `foundation`'s, which its weights were trained with), encode the corpus
     and the validation split into shards; returns the manifest. `timings`, when given, receives the seconds
     spent training and encoding."""
-    held_out = {text for split in ("val", "test") for batch in parquet_texts(prepared / f"{split}.parquet")
-                for text in batch}
+    held_out = HeldOutTexts(text for split in ("val", "test") for batch in parquet_texts(prepared / f"{split}.parquet")
+                            for text in batch)
     cfg = params.tokenizer
     limit = cfg.train_max_mb * 1e6 if cfg.train_max_mb else None
     started = time.perf_counter()
     if foundation is not None:
         tokenizer = Tokenizer.from_file(str(foundation.folder / "tokenizer.json"))
     else:
-        tokenizer = train_tokenizer(take_chars(corpus_batches(params, prepared, held_out, Counter()), limit),
+        tokenizer = train_tokenizer(take_chars(corpus_batches(params, prepared, held_out, corpus_counts()), limit),
                                     cfg.vocab_size, cfg.min_frequency)
     trained = time.perf_counter()
-    counts: Counter = Counter()
+    counts = corpus_counts()
     with atomic_dir(out) as staging:
         tokenizer.save(str(staging / "tokenizer.json"))
         train = write_token_stream(tokenizer, corpus_batches(params, prepared, held_out, counts), staging, "train",
                                    cfg.shard_tokens)
         val = write_token_stream(tokenizer, parquet_texts(prepared / "val.parquet"), staging, "val", cfg.shard_tokens)
         manifest = {"vocab_size": tokenizer.get_vocab_size(), "dtype": train["dtype"], "train": train, "val": val,
-                    "corpus": {"train_texts": counts["train_texts"], "unlabeled_texts": counts["unlabeled_texts"],
-                               "unlabeled_dropped": {reason: counts[reason]
-                                                     for reason in ("blank", "leakage", "undecodable")}}}
+                    "corpus": corpus_report(counts)}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if timings is not None:
         timings.update(train_seconds=trained - started, encode_seconds=time.perf_counter() - trained)
@@ -213,11 +219,13 @@ def main() -> None:
     foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)
     manifest = tokenize(params, args.prepared, args.out, foundation=foundation)
     dropped = manifest["corpus"]["unlabeled_dropped"]
+    cut = ", ".join(f"{side} {n['passages']} ({n['chars']:,} chars)"
+                    for side, n in manifest["corpus"]["held_out_cut"].items())
     origin = f"the tokenizer of {foundation.record['name']}" if foundation else "a BPE trained on this corpus"
     print(f"tokenize: {origin}, vocab {manifest['vocab_size']}, {manifest['train']['tokens']:,} train tokens in "
           f"{len(manifest['train']['shards'])} shard(s), {manifest['val']['tokens']:,} val tokens "
           f"({manifest['dtype']}); unlabeled texts dropped: {dropped['leakage']} equal to val/test, "
-          f"{dropped['blank']} blank, {dropped['undecodable']} undecodable")
+          f"{dropped['blank']} blank, {dropped['undecodable']} undecodable; val/test passages cut: {cut}")
     if lengths := manifest["val"]["text_tokens"]:
         print(f"tokenize: labeled (val) texts have {lengths['p50']:.0f} tokens at the median, {lengths['p90']:.0f} "
               f"at p90, {lengths['max']} at most")

@@ -12,6 +12,7 @@ from pathlib import Path
 import boto3
 import polars as pl
 import pytest
+from tokenizers import Tokenizer
 
 from components.foundation import build_foundation, is_held_out, source_of
 from components.params import FoundationParams
@@ -51,6 +52,23 @@ def test_source_names_and_a_stable_held_out_choice():
     texts = [f"document {i}" for i in range(2000)]
     held = [t for t in texts if is_held_out(t, 0.1)]
     assert 120 < len(held) < 280 and held == [t for t in texts if is_held_out(t, 0.1)]
+
+
+def test_the_foundation_tokenizer_never_sees_its_held_out_documents(tmp_path):
+    """Every document that carries a made-up word is on the held-out side: the BPE, trained on that corpus, has
+    no token of it, though as often as it occurs it would be among the first merges."""
+    marker = " zqxjvk" * 3
+    held_out = [text for text in (f"Memo {i}:{marker} for the plan." for i in range(3000)) if is_held_out(text, 0.1)]
+    notes = [text for text in (f"Note {i}: the team met and agreed the plan." for i in range(600))
+             if not is_held_out(text, 0.1)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pl.DataFrame({"text": notes + held_out}).write_parquet(corpus / "memos-00000.parquet")
+    summary = build([str(corpus)], tmp_path / "out", tmp_path / "work", max_steps=1)
+    assert len(held_out) > 200 and summary["corpus"]["memos"]["held_out_tokens"] > 0
+    vocab = Tokenizer.from_file(str(tmp_path / "out/tokenizer.json")).get_vocab()
+    assert not [token for token in vocab if "zq" in token or "xj" in token or "vk" in token]
+    assert "Note" in vocab  # the training side did shape it
 
 
 def test_foundation_from_local_s3_and_fsspec_shards(corpus, tmp_path, bucket):

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from tokenizers import Tokenizer
 
-from components.ingest import ingest, write_splits
+from components.ingest import ingest, normalise, write_splits
 from components.params import Params
 from components.pretrain import RandomWindows
 from components.tokenize import END_OF_TEXT, PADDING, token_dtype, tokenize
@@ -48,22 +48,32 @@ def test_special_tokens_and_dtype():
 def test_test_and_val_texts_never_enter_the_pretraining_stream(prepared):
     tmp_path, splits = prepared
     held = splits["test"]["text"].to_list()[:5] + splits["val"]["text"].to_list()[:2]
-    # The same texts, some with other spacing, among genuinely new unlabeled texts and a blank one.
+    # The same texts, some with other spacing, among genuinely new unlabeled texts and a blank one; one row holds
+    # a test text inside a longer text.
     copies = ["  " + text.replace(" ", "\n ") for text in held[:4]] + held[4:]
     new = [f"unlabeled note {i} about a refund and a login" for i in range(30)]
-    pl.DataFrame({"text": copies + new + ["   "]}).write_ndjson(tmp_path / "extra.jsonl")
-    (tmp_path / "note.txt").write_text("Cafe\u0301 au lait, " + held[0])  # contains a test text, is not one
+    row = f"Forwarded from the old queue: {held[2]} -- end of forward"
+    pl.DataFrame({"text": copies + new + ["   ", row]}).write_ndjson(tmp_path / "extra.jsonl")
+    # A test article inside a larger file, wrapped over lines, with a composed accent before it.
+    before, after = "Cafe\u0301 au lait, then the weekly digest.\n", "\nMore notes follow after the ticket.\n"
+    (tmp_path / "note.txt").write_text(before + held[0].replace(" ", "\n", 3) + after)
     manifest, tokenizer = run_tokenize(tmp_path, [str(tmp_path / "extra.jsonl"), str(tmp_path / "note.txt")])
     assert tokenizer.token_to_id(END_OF_TEXT) == 0 and tokenizer.token_to_id(PADDING) == 1
-    assert manifest["corpus"]["unlabeled_dropped"] == {"blank": 1, "leakage": 7, "undecodable": 0}
-    assert manifest["corpus"]["unlabeled_texts"] == 31
-    assert manifest["corpus"]["train_texts"] == splits["train"].height
+    corpus = manifest["corpus"]
+    assert corpus["unlabeled_dropped"] == {"blank": 1, "leakage": 7, "undecodable": 0}
+    assert corpus["unlabeled_texts"] == 32 and corpus["train_texts"] == splits["train"].height
+    assert corpus["held_out_cut"] == {"train": {"passages": 0, "chars": 0},
+                                      "unlabeled": {"passages": 2, "chars": len(held[0]) + len(held[2])}}
     ids = read_ids(tmp_path / "tokens", manifest["train"])
-    texts = tokenizer.decode(ids.tolist(), skip_special_tokens=False).split(END_OF_TEXT)
-    assert texts[-1] == "" and len(texts) - 1 == splits["train"].height + 31
-    assert set(texts) & set(splits["train"]["text"]) == set(splits["train"]["text"])
+    stream = tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    texts = stream.split(END_OF_TEXT)
+    # Each cut leaves the text on either side of it as texts of their own.
+    assert texts[-1] == "" and len(texts) - 1 == splits["train"].height + 30 + 2 + 2
+    assert {before, after, "Forwarded from the old queue: ", " -- end of forward"} <= set(texts)
+    assert set(texts) >= set(splits["train"]["text"])
+    normalised = normalise(stream)
     for text in splits["test"]["text"].to_list() + splits["val"]["text"].to_list():
-        assert text not in texts
+        assert text not in normalised
 
 
 def test_shards_add_up_and_hash_the_whole_stream(prepared):
