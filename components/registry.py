@@ -4,8 +4,8 @@ Layout under the registry root, per model name:
     NAME/blobs/<uuid>/...           the files of one version, uploaded first
     NAME/versions/<N>.json          the version's manifest, created once and never overwritten: a version
                                     exists only once this lands, so a crash mid-upload leaves nothing visible
-    NAME/aliases/<alias>.json       {"version": N, "previous": [...]}, moved by compare-and-swap (S3 If-Match,
-                                    a lock file locally); `latest` is implicit: the highest N
+    NAME/aliases/<alias>.json       {"version": N, "previous": [...], "write": <id>}, moved by compare-and-swap
+                                    (S3 If-Match, a lock file locally); `latest` is implicit: the highest N
 
 Nothing escapes: names and aliases match NAME_PATTERN, versions VERSION_PATTERN, at every entry point; every
 key is a plain relative path and every local path built from one is resolved and refused outside its root (the
@@ -170,8 +170,15 @@ class S3Store:
             return True
         except ClientError as error:
             if create_only and error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
+                return self.holds(key, data)
             raise
+
+    def holds(self, key: str, data: bytes) -> bool:
+        """Whether a conditional write that failed its condition had in fact landed: when the store did the write
+        but its answer was lost, boto3 sends it again and that retry fails against the first attempt's object.
+        What is written is unique to the writer (a manifest names its own upload id, an alias record its own
+        write id), so finding exactly these bytes means the write was ours."""
+        return self.get(key) == data
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -199,7 +206,7 @@ class S3Store:
         except ClientError as error:
             if error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey",
                                                    "412", "409"):
-                return False
+                return self.holds(key, data)
             raise
 
     def keys(self, prefix: str) -> list[str]:
@@ -318,6 +325,7 @@ class Registry:
             updated = change(record)
             if updated is None:
                 return record
+            updated = {**updated, "write": uuid.uuid4().hex}  # makes this write's bytes its own (S3Store.holds)
             if self._call("write", self.store.put_if, key, json.dumps(updated).encode(), tag):
                 return updated
         raise RuntimeError(f"registry {self.uri}: {name}@{alias} kept changing under {ALIAS_WRITE_ATTEMPTS} attempts")
