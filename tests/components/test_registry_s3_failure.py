@@ -8,8 +8,11 @@ import time
 import pytest
 
 from components.errors import InputError
+from components.params import Params
+from components.register import register
 from components.registry import Registry
 from components.sources import TransientStorageError
+from tests.components.test_promotion import write_run
 from tests.conftest import CuttableProxy
 
 
@@ -71,3 +74,27 @@ def test_a_lost_answer_to_a_conditional_write_is_taken_as_the_write_it_was(s3_se
     assert json.loads(direct.store.get("news/aliases/champion.json"))["previous"] == [1]
     assert through_proxy.rollback("news") == 1 and direct.resolve("news@champion")["version"] == 1
 
+
+def test_a_registration_whose_alias_write_failed_takes_its_decision_when_run_again(s3_server, bucket, tmp_path,
+                                                                                  monkeypatch):
+    direct = Registry(f"s3://{bucket}/models")
+    proxy = CuttableProxy(int(s3_server.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    params = Params.model_validate({"registry": {"uri": f"s3://{bucket}/models"},
+                                    "evaluate": {"bootstrap_samples": 200}})
+    repo = tmp_path / "run"
+    write_run(repo, seed=0)
+    assert register(params, repo)["alias"] == "champion"
+    write_run(repo, seed=1)
+    proxy.refuse(b"PUT ", b"/aliases/")
+    with pytest.raises(TransientStorageError, match="write"):
+        register(params, repo)
+    assert direct.versions("bbc") == [1, 2] and direct.aliases("bbc") == {"champion": 1, "latest": 2}
+    assert direct.decision("bbc", 2) is None
+    proxy.restore()
+    again = register(params, repo)
+    assert again["registered"] is False and again["version"] == 2 and again["alias"] in ("champion", "challenger")
+    assert direct.aliases("bbc")[again["alias"]] == 2 and direct.versions("bbc") == [1, 2]
+    decision = direct.decision("bbc", 2)
+    assert decision["alias"] == again["alias"] and decision["comparison"]["texts"] == again["test_split"]["texts"]
+    assert register(params, repo)["reason"] == "unchanged, already registered"
