@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from components import layout
 from components.atomic import write_bytes_atomic, write_json_atomic
+from components.bootstrap import bootstrap_intervals
 from components.errors import exit_on_input_error
 from components.finetune import finetune
 from components.inference import LoadedClassifier, load_backbone, load_classifier
@@ -45,29 +46,6 @@ MISTAKES = 10
 PROGRESS_SECONDS = 10.0
 # Label tokens of the batch of texts that zero-shot scores in one forward: bounds its memory.
 ZERO_SHOT_LABEL_TOKENS = 2048  # a progress line at most this often from a long evaluate step
-
-
-def resampled_scores(truth: np.ndarray, predicted: np.ndarray, classes: int,
-                     picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy and macro-F1 of each resample, `picks` (R, n) indexing the test items (class indices); all R
-    confusion matrices are counted in one bincount."""
-    samples, n = picks.shape
-    cells = (np.arange(samples)[:, None] * classes + truth[picks]) * classes + predicted[picks]
-    matrices = np.bincount(cells.ravel(), minlength=samples * classes * classes).reshape(samples, classes, classes)
-    hits = np.diagonal(matrices, axis1=1, axis2=2)
-    # F1 = 2 TP / (true count + predicted count); 0 where a class is in neither, as sklearn's zero_division=0.
-    denominators = matrices.sum(axis=2) + matrices.sum(axis=1)
-    f1 = np.divide(2 * hits, denominators, out=np.zeros(hits.shape), where=denominators > 0)
-    return hits.sum(axis=1) / n, f1.mean(axis=1)
-
-
-def bootstrap_intervals(truth: np.ndarray, predicted: np.ndarray, classes: int, samples: int,
-                        seed: int) -> dict[str, list[float]]:
-    """95% percentile intervals of accuracy and macro-F1 over `samples` resamples of the test items."""
-    picks = np.random.default_rng(seed).integers(0, len(truth), size=(samples, len(truth)))
-    accuracy, macro_f1 = resampled_scores(truth, predicted, classes, picks)
-    return {name: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-            for name, values in (("accuracy", accuracy), ("macro_f1", macro_f1))}
 
 
 def scores(truth: list[str], predicted: list[str], labels: list[str], bootstrap_samples: int = 0,

@@ -197,9 +197,11 @@ class RegistryParams(Section):
         "bbc-foundation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Name under which a pre-trained checkpoint trained here is registered for reuse.")
     promotion_tolerance: float = Field(
-        0.01, ge=0, le=1, description="A new version becomes champion unless its test macro-F1 is this much worse.")
+        0.01, ge=0, le=1, description="A new version becomes champion only if, scored with the champion on the same "
+        "test texts, the 95% paired-bootstrap interval of its macro-F1 minus the champion's stays above minus this "
+        "(`seed` and `evaluate.bootstrap_samples` drive the bootstrap).")
     max_class_f1_drop: float = Field(
-        0.05, ge=0, le=1, description="... and unless some class's test F1 fell by more than this.")
+        0.05, ge=0, le=1, description="... and no class's test F1 fell by more than this.")
 
 
 class FoundationCorpus(Section):

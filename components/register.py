@@ -1,5 +1,6 @@
 """Register: publish the fine-tuned classifier as a new immutable registry version with its lineage, then
-move the aliases through the promotion gate. Runs after the DVC stages, once per pipeline run."""
+move the aliases through the promotion gate (components/promotion.py). Runs after the DVC stages, once per
+pipeline run; a rerun finishes a registration that stopped before its promotion decision was recorded."""
 
 import hashlib
 import json
@@ -9,11 +10,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 from components import layout
 from components.params import Params, to_yaml
-from components.registry import CHALLENGER, CHAMPION, LATEST, Registry, moved_to, promotion_decision
+from components.promotion import promote, split_digest
+from components.registry import LATEST, Registry
 
 
 def git_state(repo: Path) -> dict:
@@ -34,10 +37,10 @@ def dvc_lock_hashes(lock_file: Path) -> dict:
     return {stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])} for stage, entry in stages.items()}
 
 
-def build_lineage(repo: Path, flow_run: dict | None, foundation: dict) -> dict:
+def build_lineage(repo: Path, flow_run: dict | None, foundation: dict, test_split: dict) -> dict:
     pretrain = json.loads((repo / layout.PRETRAINED / "metrics.json").read_text())
     return {"git": git_state(repo), "dvc_lock": dvc_lock_hashes(repo / "dvc.lock"), "flow_run": flow_run,
-            "foundation": foundation,
+            "foundation": foundation, "test_split": test_split,
             "training": {"pretrain_tokens": pretrain["train_tokens"], "pretrain_seconds": pretrain["seconds"]}}
 
 
@@ -86,41 +89,32 @@ def register_foundation(params: Params, repo: Path) -> dict:
 
 def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
     """Register the pre-trained checkpoint and models/classifier (with reports/metrics.json and lineage), each
-    only if changed, then pass the classifier through the promotion gate."""
+    only if changed, then pass the classifier through the promotion gate, unless its decision is recorded."""
     metrics = json.loads((repo / layout.METRICS).read_text())
     test = metrics["finetune"]["test"]
+    test_rows = pl.read_parquet(repo / layout.PREPARED / "test.parquet")
+    split = split_digest(test_rows)
     summary = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
                "per_class_f1": {label: scores["f1"] for label, scores in test["per_class"].items()}}
     registry = Registry(params.registry.uri)
     foundation = register_foundation(params, repo)
 
     def stage(folder: Path) -> dict:
-        lineage = build_lineage(repo, flow_run, foundation)
+        lineage = build_lineage(repo, flow_run, foundation, split)
         shutil.copytree(repo / layout.CLASSIFIER, folder, dirs_exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (folder / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (folder / "params.yaml").write_text(to_yaml(params))
         for report in (layout.CONFUSION_PLOT, layout.MODEL_CARD):
             shutil.copy(repo / report, folder / report.name)
-        return {"metrics": summary, "kind": "classifier", "foundation": foundation,
+        return {"metrics": summary, "kind": "classifier", "foundation": foundation, "test_split": split,
                 "git_commit": lineage["git"]["commit"], "flow_run_id": (flow_run or {}).get("id")}
 
     name = params.registry.model_name
     manifest, new = register_once(registry, name, folder_digest(repo / layout.CLASSIFIER), stage)
     result = {"name": name, "version": manifest["version"], "uri": params.registry.uri, "registered": new,
-              "foundation": foundation, **summary}
-    if not new:
-        return {**result, "alias": LATEST, "reason": "unchanged, already registered"}
-    gate, decision = params.registry, {}
-
-    def promote_if_better(record: dict | None) -> dict | None:
-        # Decided against the champion as it is at the moment of the write (compare-and-swap in update_alias).
-        champion = registry.manifest(name, record["version"]) if record else None
-        decision["promote"], decision["reason"] = promotion_decision(manifest, champion, gate.promotion_tolerance,
-                                                                     gate.max_class_f1_drop)
-        return moved_to(record, manifest["version"]) if decision["promote"] else None
-
-    registry.update_alias(name, CHAMPION, promote_if_better)
-    if not decision["promote"]:
-        registry.set_alias(name, CHALLENGER, manifest["version"])
-    return {**result, "alias": CHAMPION if decision["promote"] else CHALLENGER, "reason": decision["reason"]}
+              "foundation": foundation, "test_split": split, **summary}
+    if not new and registry.decision(name, manifest["version"]):
+        return {**result, "alias": LATEST, "reason": "unchanged, already registered", "comparison": None}
+    decision = promote(registry, manifest, repo / layout.CLASSIFIER, test_rows, params)
+    return {**result, "alias": decision["alias"], "reason": decision["reason"], "comparison": decision["comparison"]}

@@ -4,8 +4,11 @@ Layout under the registry root, per model name:
     NAME/blobs/<uuid>/...           the files of one version, uploaded first
     NAME/versions/<N>.json          the version's manifest, created once and never overwritten: a version
                                     exists only once this lands, so a crash mid-upload leaves nothing visible
-    NAME/aliases/<alias>.json       {"version": N, "previous": [...]}, moved by compare-and-swap (S3 If-Match,
-                                    a lock file locally); `latest` is implicit: the highest N
+    NAME/aliases/<alias>.json       {"version": N, "previous": [...], "write": <id>, "decision": {...}}, moved by
+                                    compare-and-swap (S3 If-Match, a lock file locally); `latest` is implicit: the
+                                    highest N; a move by the promotion gate carries its decision
+    NAME/decisions/<N>.json         the promotion decision taken for version N, created once the aliases moved:
+                                    a version without one has not finished registering
 
 Nothing escapes: names and aliases match NAME_PATTERN, versions VERSION_PATTERN, at every entry point; every
 key is a plain relative path and every local path built from one is resolved and refused outside its root (the
@@ -170,8 +173,15 @@ class S3Store:
             return True
         except ClientError as error:
             if create_only and error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
+                return self.holds(key, data)
             raise
+
+    def holds(self, key: str, data: bytes) -> bool:
+        """Whether a conditional write that failed its condition had in fact landed: when the store did the write
+        but its answer was lost, boto3 sends it again and that retry fails against the first attempt's object.
+        What is written is unique to the writer (a manifest names its own upload id, an alias record its own
+        write id), so finding exactly these bytes means the write was ours."""
+        return self.get(key) == data
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -199,7 +209,7 @@ class S3Store:
         except ClientError as error:
             if error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey",
                                                    "412", "409"):
-                return False
+                return self.holds(key, data)
             raise
 
     def keys(self, prefix: str) -> list[str]:
@@ -318,9 +328,20 @@ class Registry:
             updated = change(record)
             if updated is None:
                 return record
+            updated = {**updated, "write": uuid.uuid4().hex}  # makes this write's bytes its own (S3Store.holds)
             if self._call("write", self.store.put_if, key, json.dumps(updated).encode(), tag):
                 return updated
         raise RuntimeError(f"registry {self.uri}: {name}@{alias} kept changing under {ALIAS_WRITE_ATTEMPTS} attempts")
+
+    def decision(self, name: str, version: int) -> dict | None:
+        """The promotion decision recorded for a version; None when none was (its registration did not finish)."""
+        data = self._call("read", self.store.get, f"{check_name(name)}/decisions/{check_version(version)}.json")
+        return json.loads(data) if data else None
+
+    def record_decision(self, name: str, version: int, decision: dict) -> None:
+        """Record a version's promotion decision once; a concurrent attempt that recorded one first keeps its own."""
+        key = f"{check_name(name)}/decisions/{check_version(version)}.json"
+        self._call("write", self.store.put, key, json.dumps(decision, indent=2).encode(), True)
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Point `alias` at `version`, remembering where it pointed before so that rollback can return."""
@@ -427,24 +448,3 @@ def moved_to(record: dict | None, version: int) -> dict:
     record = record or {"version": None, "previous": []}
     return {"version": version,
             "previous": record["previous"] + ([record["version"]] if record["version"] is not None else [])}
-
-
-def promotion_decision(candidate: dict, champion: dict | None, tolerance: float,
-                       max_class_drop: float) -> tuple[bool, str]:
-    """Champion if there is none yet, or if the candidate's test macro-F1 is within `tolerance` of the
-    champion's and no class's F1 fell by more than `max_class_drop`; otherwise the reason it is not."""
-    if champion is None:
-        return True, "no champion yet"
-    new, old = candidate["metrics"], champion["metrics"]
-    against = f"champion v{champion['version']}"
-    if new["test_macro_f1"] < old["test_macro_f1"] - tolerance:
-        return False, (f"test macro-F1 {new['test_macro_f1']:.4f} is worse than {against}'s "
-                       f"{old['test_macro_f1']:.4f} by more than {tolerance}; kept as challenger")
-    old_classes, new_classes = old.get("per_class_f1", {}), new.get("per_class_f1", {})
-    drops = {label: f1 - new_classes.get(label, 0.0) for label, f1 in old_classes.items()}
-    worst = max(drops, key=drops.get, default=None)
-    if worst is not None and drops[worst] > max_class_drop:
-        return False, (f"F1 of class {worst!r} fell from {old_classes[worst]:.4f} to {new_classes.get(worst, 0):.4f}, "
-                       f"more than {max_class_drop}; kept as challenger")
-    return True, (f"test macro-F1 {new['test_macro_f1']:.4f} vs {against}'s {old['test_macro_f1']:.4f} "
-                  f"(tolerance {tolerance}, largest class drop {max(0.0, drops.get(worst, 0.0)):.4f})")

@@ -229,7 +229,9 @@ def cmd_registry(args: argparse.Namespace) -> None:
                              "created": manifest["created"], "git_commit": (manifest.get("git_commit") or "")[:8]})
         print_table(rows)
     elif args.action == "show":
-        print(json.dumps(registry.resolve(args.model), indent=2))
+        manifest = registry.resolve(args.model)
+        decision = registry.decision(manifest["name"], manifest["version"])
+        print(json.dumps({**manifest, **({"promotion": decision} if decision else {})}, indent=2))
     elif args.action == "promote":
         manifest = registry.resolve(args.model)
         registry.set_alias(manifest["name"], args.alias, manifest["version"])

@@ -91,10 +91,12 @@ def publish_artifacts(repo: Path, metrics: dict, registered: dict) -> None:
         png = base64.b64encode((repo / path).read_bytes()).decode()
         create_image_artifact(image_url=f"data:image/png;base64,{png}", key=key, description=description)
     create_markdown_artifact(key="model-card", markdown=(repo / layout.MODEL_CARD).read_text())
+    split = registered["test_split"]
     create_markdown_artifact(
         key="registered-model",
         markdown=(f"**{registered['name']}:{registered['version']}** in `{registered['uri']}` is "
                   f"`{registered['alias']}` ({registered['reason']}).\n\n"
+                  f"Test split: {split['texts']} texts, sha256 `{split['sha256']}`.\n\n"
                   f"Predict with `gptpipe predict --model {registered['name']}:{registered['version']} \"text\"`."),
     )
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny params, a real S3 API server and a real Prefect server on 127.0.0.1."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -169,7 +170,8 @@ def tokenized(tmp_path):
 
 
 class CuttableProxy:
-    """A TCP forwarder to the S3 server that can drop every connection at once, as a dying server does."""
+    """A TCP forwarder to the S3 server that can drop every connection at once, as a dying server does, refuse
+    chosen requests, or lose the answer to a chosen request after the server acted on it."""
 
     def __init__(self, target_port: int, cut_after_bytes: int | None = None):
         self.target_port, self.cut_after_bytes = target_port, cut_after_bytes
@@ -178,7 +180,19 @@ class CuttableProxy:
         self.port = self.listener.getsockname()[1]
         self.cut = threading.Event()
         self.sockets: list[socket.socket] = []
+        self.refused: list[tuple[bytes, ...]] = []
+        self.answers_to_lose: list[tuple[bytes, ...]] = []
+        self.lost = 0
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def refuse(self, *markers: bytes) -> None:
+        """Close the connection of every request whose head holds all `markers`, before the server sees it."""
+        self.refused.append(markers)
+
+    def lose_answer(self, *markers: bytes) -> None:
+        """Pass the next request whose head holds all `markers` to the server, then close the connection in place
+        of its success answer: the write happened, the client never hears of it."""
+        self.answers_to_lose.append(markers)
 
     def _accept(self) -> None:
         while True:
@@ -191,10 +205,14 @@ class CuttableProxy:
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.sockets += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            losing = threading.Event()  # this connection's request in flight is one whose answer is to be lost
+            threading.Thread(target=self._pipe, args=(client, upstream, True, losing), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False, losing), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
+    def _matches(self, rules: list[tuple[bytes, ...]], data: bytes) -> tuple[bytes, ...] | None:
+        return next((markers for markers in rules if all(marker in data for marker in markers)), None)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, upload: bool, losing: threading.Event) -> None:
         try:
             while data := source.recv(65536):
                 if upload:
@@ -202,21 +220,37 @@ class CuttableProxy:
                     if self.cut_after_bytes is not None and self.forwarded > self.cut_after_bytes:
                         self.drop()
                         return
+                    if self._matches(self.refused, data):
+                        self._close(source, sink)
+                        return
+                    if markers := self._matches(self.answers_to_lose, data):
+                        self.answers_to_lose.remove(markers)
+                        losing.set()
+                elif losing.is_set() and re.match(rb"HTTP/1\.[01] 2", data):  # not a 100 Continue: the answer
+                    self.lost += 1
+                    self._close(source, sink)
+                    return
                 sink.sendall(data)
         except OSError:
             pass
 
-    def drop(self) -> None:
-        self.cut.set()
-        for sock in self.sockets:
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
             except OSError:
                 pass
 
+    def drop(self) -> None:
+        self.cut.set()
+        self._close(*self.sockets)
+
     def restore(self) -> None:
         self.sockets.clear()
         self.forwarded = 0
         self.cut_after_bytes = None
+        self.refused.clear()
+        self.answers_to_lose.clear()
         self.cut.clear()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from tokenizers import Tokenizer
 
+from components.bootstrap import resampled_scores
 from components.evaluate import (
     calibration,
     evaluate,
@@ -19,7 +20,6 @@ from components.evaluate import (
     label_logprobs,
     most_confident,
     per_class_sample,
-    resampled_scores,
     scores,
 )
 from components.finetune import finetune, fit_temperature, save_classifier

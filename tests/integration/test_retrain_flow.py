@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 import yaml
 
+from components.promotion import split_digest
 from tests.conftest import BIN, TINY_PARAMS, gptpipe, make_project, support_tickets
 
 pytestmark = pytest.mark.integration
@@ -99,6 +100,12 @@ def test_changed_param_reruns_only_downstream(first_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stages run: finetune, evaluate" in result.stdout
     assert "registered bbc:2" in result.stdout
+    # Same data, same test texts: the champion (bbc:1) was scored on exactly the split it was tested on.
+    test = pl.read_parquet(project / "data/prepared/test.parquet")
+    assert "vs champion v1's" in result.stdout and f"on the same {test.height} test texts" in result.stdout
+    decision = json.loads((project / "registry/bbc/decisions/2.json").read_text())
+    champion = json.loads((project / "registry/bbc/versions/1.json").read_text())
+    assert decision["comparison"]["test_split_sha256"] == champion["test_split"]["sha256"]
 
 
 def test_continue_from_a_registered_foundation(first_run):
@@ -119,14 +126,29 @@ def test_continue_from_a_registered_foundation(first_run):
     assert manifest["foundation"]["continued_from"]["version"] == 1
 
 
-def test_replaced_data_file_reruns_ingest_and_registers_a_new_version(first_run):
+def test_grown_data_file_keeps_old_test_texts_in_test_and_compares_on_them(first_run):
+    """The nightly export at the same path grows by 10%: every old test text stays in test (none moves into
+    train or val), and the new version and the champion are scored on the same new test split."""
     project, env, _ = first_run
-    pl.DataFrame(support_tickets(seed=7)).write_csv(project / "labeled.csv")  # the nightly export, same path
+    before = {split: set(pl.read_parquet(project / f"data/prepared/{split}.parquet")["text"])
+              for split in ("train", "val", "test")}
+    labeled = pl.read_csv(project / "labeled.csv")
+    grown = pl.concat([labeled, pl.DataFrame(support_tickets(seed=7)).sample(labeled.height // 10, seed=0)])
+    grown.write_csv(project / "labeled.csv")
     result = gptpipe("run", "--set", "pretrain.max_steps=8", cwd=project, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stages run: ingest, tokenize, pretrain, finetune, evaluate" in result.stdout
-    versions = sorted(int(p.stem) for p in (project / "registry/bbc/versions").iterdir())
-    assert f"registered bbc:{versions[-1]}" in result.stdout
+    after = {split: pl.read_parquet(project / f"data/prepared/{split}.parquet") for split in ("train", "val", "test")}
+    assert before["test"] <= set(after["test"]["text"])
+    assert not before["test"] & (set(after["train"]["text"]) | set(after["val"]["text"]))
+    newest = max(int(p.stem) for p in (project / "registry/bbc/versions").iterdir())
+    registered = next(line for line in result.stdout.splitlines() if line.startswith(f"registered bbc:{newest} as "))
+    shown = json.loads(gptpipe("registry", "show", f"bbc:{newest}", cwd=project).stdout)
+    comparison = shown["promotion"]["comparison"]
+    assert f"vs champion v{shown['promotion']['champion']}'s" in registered
+    assert f"on the same {after['test'].height} test texts" in registered
+    assert comparison["texts"] == after["test"].height == shown["test_split"]["texts"]
+    assert comparison["test_split_sha256"] == shown["test_split"]["sha256"] == split_digest(after["test"])["sha256"]
     again = gptpipe("run", "--set", "pretrain.max_steps=8", cwd=project, env=env)
     assert "stages run: none (all up to date)" in again.stdout
 
