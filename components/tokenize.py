@@ -70,13 +70,23 @@ def rebatch(batches: Iterable[list[str]], size: int = ENCODE_BATCH,
 
 
 def take_chars(batches: Iterable[list[str]], limit: float | None) -> Iterator[list[str]]:
-    """The batches until about `limit` characters have gone by (all of them when `limit` is None)."""
+    """The texts of `batches` until `limit` characters have gone by, the text that reaches it the last (all of
+    them when `limit` is None): a batch of thousands of long documents must not overshoot the limit whole."""
+    if limit is None:
+        yield from batches
+        return
     seen = 0
     for batch in batches:
-        if limit is not None and seen >= limit:
+        taken = []
+        for text in batch:
+            if seen >= limit:
+                break
+            taken.append(text)
+            seen += len(text)
+        if taken:
+            yield taken
+        if seen >= limit:
             return
-        seen += sum(map(len, batch))
-        yield batch
 
 
 def parquet_texts(path: Path) -> Iterator[list[str]]:

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from components.ingest import ingest, normalise, write_splits
 from components.params import Params
 from components.pretrain import RandomWindows
-from components.tokenize import END_OF_TEXT, PADDING, token_dtype, tokenize
+from components.tokenize import END_OF_TEXT, PADDING, take_chars, token_dtype, tokenize
 from tests.conftest import BIN, TINY_PARAMS, make_project, support_tickets
 
 
@@ -43,6 +43,13 @@ def test_special_tokens_and_dtype():
     assert token_dtype(4096) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32 and token_dtype(200_000) == np.uint32
     assert Params.model_validate({"tokenizer": {"vocab_size": 100_000}}).tokenizer.vocab_size == 100_000
+
+
+def test_the_tokenizer_sample_stops_at_its_character_limit_inside_a_batch():
+    batches = [["a" * 10] * 5, ["b" * 10] * 5]
+    assert list(take_chars(batches, 25)) == [["a" * 10] * 3]  # the text that reaches 25 is the last
+    assert list(take_chars(batches, 60)) == [["a" * 10] * 5, ["b" * 10]]
+    assert list(take_chars(batches, None)) == batches
 
 
 def test_test_and_val_texts_never_enter_the_pretraining_stream(prepared):
