@@ -1,6 +1,6 @@
 """Held-out text: keep validation and test texts out of the pre-training corpus, whole or embedded in a longer text.
 
-A pre-training text equal to a held-out text (compared after `ingest.normalise`, as the split compares them) is
+A pre-training text equal to a held-out text (compared after `normalise`, as the split compares them) is
 dropped. A held-out text of at least MIN_CONTAINED_CHARS normalised characters found inside a longer text is cut
 out of it, and the rest of that text stays, each remaining piece a text of its own (so the model never reads
 the two sides of a cut as one passage). Shorter held-out texts ("yes", "Refund please") are only matched whole:
@@ -19,10 +19,13 @@ from itertools import accumulate
 
 import polars as pl
 
-from components.ingest import normalise
-
 MIN_CONTAINED_CHARS = 50
 WORD = re.compile(r"\S+")  # the same whitespace as str.split, which `normalise` collapses
+
+
+def normalise(text: str) -> str:
+    """NFC and collapsed whitespace, so that copies differing only in spacing count as duplicates."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 class NormalisedText:
@@ -92,15 +95,24 @@ class HeldOutTexts:
         pieces = [text[start:end] for start, end in zip(bounds[::2], bounds[1::2], strict=True)]
         return [piece for piece in pieces if piece and not piece.isspace()]
 
+    def anchors_in(self, keys: list[str]) -> list[list[str]]:
+        """For each normalised text, the anchors (held-out texts' starts) found in it."""
+        if not self.anchors:
+            return [[] for _ in keys]
+        return pl.Series(keys, dtype=pl.String).str.extract_many(self.anchors, overlapping=True).to_list()
+
+    def holding(self, texts: list[str]) -> list[bool]:
+        """Whether each (normalised) text is, or holds, a held-out text."""
+        return [key in self.whole or bool(anchors and self.spans(key, anchors))
+                for key, anchors in zip(texts, self.anchors_in(texts), strict=True)]
+
     def scrub(self, texts: list[str], counts: Counter) -> list[str]:
         """The batch without blank texts, held-out texts and held-out passages. `counts` receives `blank`,
         `equal` (texts dropped as equal to a held-out text), `kept` (texts that gave pre-training text, whole or
         in part), `passages` and `chars` (cut out of them)."""
         keys = [normalise(text) for text in texts]
-        hits = (pl.Series(keys, dtype=pl.String).str.extract_many(self.anchors, overlapping=True).to_list()
-                if self.anchors else [[]] * len(texts))
         kept = []
-        for text, key, anchors in zip(texts, keys, hits, strict=True):
+        for text, key, anchors in zip(texts, keys, self.anchors_in(keys), strict=True):
             if not key:
                 counts["blank"] += 1
             elif key in self.whole:

@@ -8,7 +8,6 @@ import argparse
 import hashlib
 import io
 import json
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -18,16 +17,12 @@ import polars as pl
 from components import layout
 from components.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from components.errors import InputError, exit_on_input_error
+from components.held_out import HeldOutTexts, normalise
 from components.params import Params, load_params
 from components.sources import read_labeled
 
 SPLITS = ("train", "val", "test")
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9, "p99": 0.99}
-
-
-def normalise(text: str) -> str:
-    """NFC and collapsed whitespace, so that copies differing only in spacing count as duplicates."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def clean(frame: pl.DataFrame, source: str) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -147,8 +142,12 @@ def ingest(params: Params) -> tuple[dict[str, pl.DataFrame], dict]:
     fractions = {"val": data.val_fraction} if test_cfg.path else {"test": data.test_fraction,
                                                                     "val": data.val_fraction}
     cut = hash_split(frame, fractions | {"train": 1.0}, params.seed)
-    train, val = cut["train"], cut["val"]
     test = test if test_cfg.path else cut["test"]
+    # A longer text that quotes a whole test text (a follow-up article, a reply) would teach the test answer.
+    quoting = HeldOutTexts(test["text"].to_list())
+    train, val = (split.filter(~pl.Series(quoting.holding(split["text"].to_list()), dtype=pl.Boolean))
+                  for split in (cut["train"], cut["val"]))
+    leakage += cut["train"].height + cut["val"].height - train.height - val.height
     capped = cap_per_label(train, data.labels_per_class, params.seed)
     splits = {"train": capped, "val": val, "test": test}
     dropped = {reason: sum(r[reason] for r in reports.values()) for reason in ("blank", "duplicate", "undecodable")}

@@ -13,8 +13,8 @@ import numpy as np
 import polars as pl
 
 from components.bootstrap import paired_difference_intervals, resampled_class_scores
+from components.held_out import normalise
 from components.inference import LoadedClassifier, load_classifier
-from components.ingest import normalise
 from components.params import Params
 from components.registry import CHALLENGER, CHAMPION, Registry, moved_to
 

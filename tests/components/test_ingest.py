@@ -155,6 +155,21 @@ def test_texts_in_both_labeled_and_test_file_count_as_leakage(tmp_path, tickets_
     assert not trained & set(splits["test"]["text"])
 
 
+def test_a_labeled_text_quoting_a_whole_test_text_is_dropped(tmp_path, tickets_csv):
+    """A follow-up that quotes a test text (50 characters or more) would teach its answer; a short one cannot."""
+    splits, _ = ingest(params_for(tickets_csv))
+    quoted, short = splits["test"]["text"][0], "my refund"
+    follow_ups = [{"text": f"Following up on this: {quoted} Still waiting.", "label": "billing"},
+                  {"text": f"Follow-up: {short} is still missing, please check", "label": "billing"}]
+    grown = tmp_path / "grown.csv"
+    pl.DataFrame(support_tickets() + follow_ups).write_csv(grown)
+    after, report = ingest(params_for(grown))
+    trained = set(after["train"]["text"]) | set(after["val"]["text"])
+    assert len(quoted) >= 50 and not any(quoted in text for text in trained) and quoted in set(after["test"]["text"])
+    assert report["dropped"]["leakage"] == 1 and balanced(report)
+    assert report["kept"] == 121  # the short quote stays
+
+
 def test_labels_per_class_caps_train_only_and_deterministically(tickets_csv):
     full, _ = ingest(params_for(tickets_csv))
     capped, report = ingest(params_for(tickets_csv, labels_per_class=5))
