@@ -44,7 +44,8 @@ from components.training import make_trainer, warmup_cosine
 def layer_groups(classifier: Classifier) -> list[list[nn.Parameter]]:
     """ULMFiT's layer groups, bottom to top: embeddings, each block, then the final norm with the head."""
     body = classifier.backbone
-    return [[body.tok_emb.weight, body.pos_emb.weight], *(list(block.parameters()) for block in body.blocks),
+    embeddings = [*body.tok_emb.parameters(), *(body.pos_emb.parameters() if body.pos_emb is not None else [])]
+    return [embeddings, *(list(block.parameters()) for block in body.blocks),
             [*body.ln_f.parameters(), *classifier.head.parameters()]]
 
 
