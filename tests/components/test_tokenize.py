@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 from components.ingest import ingest, write_splits
 from components.params import Params
 from components.pretrain import RandomWindows
-from components.tokenize import END_OF_TEXT, PADDING, token_dtype, tokenize
+from components.special_tokens import END_OF_TEXT, PADDING
+from components.tokenize import token_dtype, tokenize
 from tests.conftest import BIN, TINY_PARAMS, make_project, support_tickets
 
 
