@@ -205,10 +205,12 @@ class GPT(nn.Module):
         the tokens before `idx`), the new tokens continue that prefix without recomputing it. `positions` (B, T)
         and `attn_mask` (B, 1, T, P + T) let each row continue its own prefix from its own position."""
         start = past[0][0].size(2) if past else 0
+        # Checked on sizes where it can be: a check on values would fix the length when exporting the graph (ONNX).
+        last = start + idx.size(1) - 1 if positions is None else int(positions.max())
+        if last >= self.config.context_length:
+            raise ValueError(f"position {last} is past the context length {self.config.context_length}")
         if positions is None:
             positions = torch.arange(start, start + idx.size(1), device=idx.device)
-        if int(positions.max()) >= self.config.context_length:
-            raise ValueError(f"position {int(positions.max())} is past the context length {self.config.context_length}")
         x = self.tok_emb(idx)  # (B, T, C)
         rotation = None
         if self.pos_emb is not None:
@@ -253,6 +255,13 @@ class Classifier(nn.Module):
         weights = mask.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
+    def combine(self, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) from each text's pooled windows (B, K, C) and their masks (B, K, T): a mean over
+        windows weighted by their tokens, i.e. the mean over the whole text; `last` weighs them alike."""
+        weight = mask.sum(dim=2) if self.pooling == "mean" else mask.any(dim=2)
+        weight = weight.unsqueeze(-1).to(windows.dtype)
+        return self.head((windows * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1))
+
     def forward(self, idx: torch.Tensor, mask: torch.Tensor, lm_loss: bool = False):
         """idx, mask (B, T) or (B, K, T), mask 1 for real tokens; returns logits (B, classes), and with `lm_loss`
         also the next-token loss on the same windows (GPT-1's auxiliary objective)."""
@@ -262,11 +271,7 @@ class Classifier(nn.Module):
         states = self.backbone.hidden_states(flat_idx[rows])[0]  # (N, T, C)
         pooled = self.pool(states, flat_mask[rows])
         windows = pooled.new_zeros(flat_idx.size(0), pooled.size(1)).index_copy(0, rows, pooled)
-        windows = windows.view(batch, -1, pooled.size(1))  # (B, K, C)
-        # A mean over windows weighted by their tokens, i.e. the mean over the whole text; `last` weighs them alike.
-        weight = flat_mask.sum(dim=1) if self.pooling == "mean" else flat_mask.any(dim=1)
-        weight = weight.view(batch, -1, 1).to(windows.dtype)
-        logits = self.head((windows * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1))
+        logits = self.combine(windows.view(batch, -1, pooled.size(1)), flat_mask.view(batch, -1, flat_mask.size(1)))
         if not lm_loss:
             return logits
         targets = flat_idx[rows][:, 1:].masked_fill(flat_mask[rows][:, 1:] == 0, -100)
