@@ -207,6 +207,8 @@ def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
     index = folder / f"{WEIGHTS_FILE}.index.json"
     if index.exists():  # sharded: the index names the files
         files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / WEIGHTS_FILE).exists():  # not other safetensors beside it, such as an export's classifier head
+        files = [folder / WEIGHTS_FILE]
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -81,6 +81,11 @@ def test_the_hf_export_loads_in_transformers_with_our_logits_and_head(family, tm
             probs = torch.softmax((pooled @ head["weight"].T + head["bias"]) / card["temperature"], dim=-1)
         assert torch.allclose(probs, reader.predict_proba([text])[0], atol=1e-4), family
     assert card["labels"] == LABELS and card["architecture"] == theirs.config.architectures[0]
+    # An export is itself a published checkpoint: it imports back as the same backbone.
+    again = load_backbone(resolve_foundation(str(out), "registry", context_length=64).folder).eval()
+    ids = torch.tensor([batch[1]])
+    with torch.no_grad():
+        assert torch.allclose(again(ids), ours(ids), atol=1e-5)
 
 
 def test_the_onnx_export_gives_predicts_probabilities(tmp_path):
