@@ -22,7 +22,7 @@ from components.finetune import DrawWindows, ShuffledBuckets
 from components.inference import batches_by_length, load_backbone, pad_windows, text_windows, token_count
 from components.model import Classifier
 from components.params import FinetuneParams
-from components.tokenize import PADDING
+from components.special_tokens import padding_id
 from components.training import cpu_has_fast_bf16
 
 
@@ -69,7 +69,7 @@ def classify_tokens_per_second(model: Classifier, batches: list[tuple[torch.Tens
 
 def measure(checkpoint: Path, texts: list[str], steps: int, cfg: FinetuneParams) -> dict:
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    pad = tokenizer.token_to_id(PADDING)
+    pad = padding_id(tokenizer)
     model = Classifier(load_backbone(checkpoint), 4, cfg.pooling)
     context = model.backbone.config.context_length
     rows = text_windows(tokenizer, texts, context, cfg.max_chunks)

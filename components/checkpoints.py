@@ -1,5 +1,6 @@
-"""Where a pre-trained checkpoint folder comes from: a local folder (the shipped foundation, models/pretrained)
-or a registered foundation model; and the record that names it in metrics and lineage."""
+"""Where a pre-trained checkpoint folder comes from: a local folder (the shipped foundation, models/pretrained),
+a registered foundation model, or a published checkpoint in Hugging Face format (converted on import); and the
+record that names it in metrics and lineage."""
 
 import hashlib
 import json
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.errors import InputError
+from components.hf_import import import_checkpoint, is_published
 from components.registry import Registry
 
 SCRATCH = "scratch"
@@ -40,10 +42,14 @@ def weights_digest(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def resolve_foundation(init_from: str, registry_uri: str, key: str = "pretrain.init_from") -> Foundation | None:
-    """The checkpoint `init_from` names (None for `scratch`), with the record that identifies it."""
+def resolve_foundation(init_from: str, registry_uri: str, context_length: int,
+                       key: str = "pretrain.init_from") -> Foundation | None:
+    """The checkpoint `init_from` names (None for `scratch`), with the record that identifies it; a published one
+    is cut to a window of `context_length` (or its own positions, if fewer)."""
     if init_from == SCRATCH:
         return None
+    if is_published(init_from):
+        return Foundation(*import_checkpoint(init_from, context_length, key))
     if init_from.startswith(REGISTRY_PREFIX):
         registry = Registry(registry_uri)
         manifest = registry.resolve(init_from.removeprefix(REGISTRY_PREFIX))
@@ -53,7 +59,8 @@ def resolve_foundation(init_from: str, registry_uri: str, key: str = "pretrain.i
     folder = Path(init_from)
     if not folder.is_dir():
         raise InputError(f"{key}={init_from}: no such folder; name a foundation folder (models/foundation ships "
-                         "with gptpipe), registry:NAME@ALIAS, or scratch")
+                         "with gptpipe), registry:NAME@ALIAS, a Hugging Face checkpoint (folder, s3:// prefix, "
+                         "hf:ORG/NAME[@REVISION]), or scratch")
     check_checkpoint(folder, f"{key}={init_from}")
     card = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
     return Foundation(folder, {"name": card.get("name", folder.name), "path": init_from,

@@ -140,10 +140,11 @@ def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str]
     """Prompt the pre-trained LM with each label name after the text and pick the most likely one, each score
     taken relative to the label's likelihood with no text, so that a label that is merely frequent does not win."""
     lm.eval()
-    encoded_labels = [tokenizer.encode(" " + label).ids for label in labels]
+    # Fragments in the middle of a prompt: no start-of-text token, which a Llama-family tokenizer would add.
+    encoded_labels = [tokenizer.encode(" " + label, add_special_tokens=False).ids for label in labels]
     lengths = torch.tensor([len(ids) for ids in encoded_labels])
     label_ids = torch.tensor([ids + [0] * (int(lengths.max()) - len(ids)) for ids in encoded_labels])
-    prompt_ids = tokenizer.encode(ZERO_SHOT_PROMPT).ids
+    prompt_ids = tokenizer.encode(ZERO_SHOT_PROMPT, add_special_tokens=False).ids
     room = lm.config.context_length - len(prompt_ids) - label_ids.size(1)
     prior = label_logprobs(lm, [prompt_ids], label_ids, lengths)[0]
     batch = max(1, ZERO_SHOT_LABEL_TOKENS // label_ids.numel())

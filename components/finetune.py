@@ -37,14 +37,15 @@ from components.inference import (
 from components.model import GPT, Classifier, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
 from components.sources import file_sha256
-from components.tokenize import PADDING
+from components.special_tokens import padding_id
 from components.training import make_trainer, warmup_cosine
 
 
 def layer_groups(classifier: Classifier) -> list[list[nn.Parameter]]:
     """ULMFiT's layer groups, bottom to top: embeddings, each block, then the final norm with the head."""
     body = classifier.backbone
-    return [[body.tok_emb.weight, body.pos_emb.weight], *(list(block.parameters()) for block in body.blocks),
+    embeddings = [*body.tok_emb.parameters(), *(body.pos_emb.parameters() if body.pos_emb is not None else [])]
+    return [embeddings, *(list(block.parameters()) for block in body.blocks),
             [*body.ln_f.parameters(), *classifier.head.parameters()]]
 
 
@@ -225,7 +226,7 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     labels = json.loads((prepared / "labels.json").read_text())
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
     epochs = training_epochs(train.height, cfg)
-    context, pad = backbone.config.context_length, tokenizer.token_to_id(PADDING)
+    context, pad = backbone.config.context_length, padding_id(tokenizer)
     train_rows = labeled_rows(train, tokenizer, labels, context, cfg.max_chunks)
     drawn = cfg.train_windows or cfg.max_chunks
     lengths = [min(token_count(windows), drawn * context) for windows, _ in train_rows]

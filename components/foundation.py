@@ -149,7 +149,8 @@ def build_foundation(cfg: FoundationParams, seed: int, registry_uri: str, out: P
                          "'foundation.corpus.paths=[corpus/*.parquet]' (local, s3:// or hf:// paths)")
     listing = corpus_files(cfg.corpus.paths)
     files = [entry["uri"] for entry in listing]
-    earlier = resolve_foundation(cfg.pretrain.init_from, registry_uri, key="foundation.pretrain.init_from")
+    earlier = resolve_foundation(cfg.pretrain.init_from, registry_uri, cfg.model.context_length,
+                                 key="foundation.pretrain.init_from")
     started = time.perf_counter()
     tokens = work_root / f"tokens-{corpus_key(listing, cfg, earlier.record['sha256'] if earlier else None)}"
     # build: tokenizer and shards, reused from the cache when the corpus and settings are unchanged

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer
 
 from components.inference import load_backbone
 from components.model import GPT
-from components.tokenize import END_OF_TEXT
+from components.special_tokens import end_of_text_id
 
 
 @torch.no_grad()
@@ -32,5 +32,5 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 60, temperature: f
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     model = load_backbone(folder)
     new_ids = sample(model, tokenizer.encode(prompt).ids, max_new_tokens, temperature, top_k,
-                     tokenizer.token_to_id(END_OF_TEXT), seed)
+                     end_of_text_id(tokenizer), seed)
     return prompt + tokenizer.decode(new_ids)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from components.errors import InputError
 from components.model import GPT, Classifier, GPTConfig
 from components.sources import file_sha256
-from components.tokenize import PADDING
+from components.special_tokens import padding_id
 
 PREDICT_BATCH = 32
 
@@ -23,7 +23,7 @@ Windows = list[list[int]]  # one text's consecutive context windows of token ids
 def text_windows(tokenizer: Tokenizer, texts: list[str], context_length: int, max_chunks: int) -> list[Windows]:
     """Each text cut into up to `max_chunks` consecutive windows of `context_length` tokens (the rest dropped); an
     empty text is one padding token, so that every text has a window."""
-    pad = tokenizer.token_to_id(PADDING)
+    pad = padding_id(tokenizer)
     rows = []
     for encoding in tokenizer.encode_batch_fast(texts):
         ids = encoding.ids[: context_length * max_chunks] or [pad]
@@ -54,7 +54,7 @@ def encode_chunks(tokenizer: Tokenizer, texts: list[str], context_length: int,
                   max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`texts` as one padded batch (B, K, T) of their windows."""
     rows = text_windows(tokenizer, texts, context_length, max_chunks)
-    return pad_windows(rows, tokenizer.token_to_id(PADDING), context_length)
+    return pad_windows(rows, padding_id(tokenizer), context_length)
 
 
 def token_count(windows: Windows) -> int:
@@ -106,7 +106,7 @@ class LoadedClassifier:
         """Raw logits (N, classes), before temperature scaling."""
         context = self.model.backbone.config.context_length
         rows = text_windows(self.tokenizer, texts, context, self.max_chunks)
-        return classify_windows(self.model, rows, self.tokenizer.token_to_id(PADDING), PREDICT_BATCH)
+        return classify_windows(self.model, rows, padding_id(self.tokenizer), PREDICT_BATCH)
 
     def predict_proba(self, texts: list[str]) -> torch.Tensor:
         """Probabilities (N, classes), scaled by the temperature fitted on the validation split."""
@@ -122,9 +122,10 @@ def load_classifier(folder: Path) -> LoadedClassifier:
     if trained_with and file_sha256(folder / "tokenizer.json") != trained_with:
         raise InputError(f"{folder}/tokenizer.json: not the tokenizer this classifier was trained with (sha256 "
                          f"differs from classifier.json's tokenizer_sha256); copy back the folder's own tokenizer")
-    if tokenizer.get_vocab_size() != backbone.config.vocab_size:
-        raise InputError(f"{folder}/tokenizer.json: vocabulary of {tokenizer.get_vocab_size()} does not match the "
-                         f"model's {backbone.config.vocab_size}; the folder mixes two trainings")
+    # A published model's embedding may be padded past its tokenizer's ids (Qwen2), never shorter.
+    if tokenizer.get_vocab_size() > backbone.config.vocab_size:
+        raise InputError(f"{folder}/tokenizer.json: vocabulary of {tokenizer.get_vocab_size()} does not fit the "
+                         f"model's {backbone.config.vocab_size} embeddings; the folder mixes two trainings")
     model = Classifier(backbone, len(meta["labels"]), meta["pooling"])
     load_weights(model, folder / "model.safetensors")
     return LoadedClassifier(model, tokenizer, meta["labels"], meta.get("temperature", 1.0), meta.get("max_chunks", 1))

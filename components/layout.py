@@ -5,6 +5,7 @@ against it."""
 from pathlib import Path
 
 SOURCES = Path("data/sources.json")
+FOUNDATION_SOURCE = Path("data/foundation.json")
 PREPARED = Path("data/prepared")
 TOKENS = Path("data/tokens")
 FOUNDATION = Path("models/foundation")  # shipped in git, not a stage output

@@ -59,8 +59,15 @@ def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, l
     cfg, pretrain = params.finetune, metrics["pretrain"]
     model, foundation = pretrain["config"], pretrain.get("foundation")
     tokens = pretrain.get("train_tokens", 0)
-    origin = (f"the broad foundation `{foundation['name']}`, continued on this task's text for {tokens:,} tokens"
-              if foundation else f"next-token prediction on this task's text only ({tokens:,} tokens)")
+    if foundation and foundation.get("architecture"):  # a published checkpoint, imported
+        revision = f" at revision {foundation['revision']}" if foundation.get("revision") else ""
+        origin = (f"the published checkpoint `{foundation['name']}` ({foundation['architecture']}{revision}; licence "
+                  f"as its files state it: {foundation['licence']}), continued on this task's text for {tokens:,} "
+                  "tokens")
+    elif foundation:
+        origin = f"the broad foundation `{foundation['name']}`, continued on this task's text for {tokens:,} tokens"
+    else:
+        origin = f"next-token prediction on this task's text only ({tokens:,} tokens)"
     calibrated = metrics["finetune"]["calibration"]
     lines = [
         f"# Model card: `{params.registry.model_name}`",

@@ -84,11 +84,13 @@ class PretrainParams(Section):
     batch_size: int = Field(16, ge=1, description="Sequences per micro-step, all devices together.")
     accumulate_grad_batches: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     init_from: str = Field(
-        "models/foundation", pattern=r"^(scratch|registry:[A-Za-z0-9][A-Za-z0-9_.-]*([@:][A-Za-z0-9_.-]+)?|[^:]+)$",
+        "models/foundation",
+        pattern=r"^(scratch|registry:[A-Za-z0-9][A-Za-z0-9_.-]*([@:][A-Za-z0-9_.-]+)?|hf:[^\s:]+|s3://\S+|[^:]+)$",
         description="What pre-training starts from: a foundation folder (models/foundation ships with gptpipe), a "
-        "registered foundation `registry:NAME@ALIAS` / `registry:NAME:VERSION`, or `scratch` (random weights, "
-        "a BPE trained on the task's text). A foundation's tokenizer and shape are kept; `model.*` applies to "
-        "scratch only.")
+        "registered foundation `registry:NAME@ALIAS` / `registry:NAME:VERSION`, a published checkpoint in Hugging "
+        "Face format (GPT-2, Llama, Qwen2: a folder, an s3:// prefix, or `hf:ORG/NAME[@REVISION]`), or `scratch` "
+        "(random weights, a BPE trained on the task's text). A foundation's tokenizer and shape are kept; "
+        "`model.*` applies to scratch only, except `model.context_length`, which caps a published one's window.")
     max_steps: int = Field(150, ge=0, description="Optimizer steps; 0 keeps the starting foundation as it is.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (from scratch, 1e-3 trains faster).")
     min_learning_rate: float = Field(5e-5, ge=0, description="Floor of the cosine schedule.")

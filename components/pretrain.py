@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=layout.PRETRAINED)
     args = parser.parse_args()
     params = load_params(args.params)
-    foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)
+    foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri, params.model.context_length)
     summary = pretrain(params, args.tokens, args.out, foundation)
     start = f"continued from {foundation.record['name']}" if foundation else "from scratch"
     print(f"pretrain ({start}, {params.pretrain.max_steps} steps): val perplexity {summary['val_perplexity']:.1f}, "

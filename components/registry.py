@@ -90,8 +90,9 @@ def inside(root: Path, relative: str, what: str) -> Path:
     return path
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("GPTPIPE_CACHE", Path.home() / ".cache" / "gptpipe")) / "registry"
+def cache_root(kind: str = "registry") -> Path:
+    """The user's cache of `kind` (registry downloads, imported checkpoints), outside any checkout."""
+    return Path(os.environ.get("GPTPIPE_CACHE", Path.home() / ".cache" / "gptpipe")) / kind
 
 
 class LocalStore:

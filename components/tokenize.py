@@ -32,10 +32,8 @@ from components.held_out import HeldOutTexts
 from components.ingest import length_stats
 from components.params import Params, load_params
 from components.sources import unlabeled_batches
+from components.special_tokens import SPECIAL_TOKENS, end_of_text_id
 
-END_OF_TEXT = "<|endoftext|>"
-PADDING = "<|pad|>"
-SPECIAL_TOKENS = [END_OF_TEXT, PADDING]
 ENCODE_BATCH = 1024  # texts per encode call; the Rust side spreads them over every core
 ENCODE_BATCH_CHARS = 4 << 20  # ... or fewer, when they are long
 PARQUET_BATCH = 4096
@@ -157,7 +155,7 @@ def write_token_stream(tokenizer: Tokenizer, batches: Iterable[list[str]], folde
     """Encode in parallel batches (the Rust side uses every core, without the GIL, while this thread reads the
     next batch and writes the last) and append ids, each text followed by end-of-text, to shards."""
     dtype = token_dtype(tokenizer.get_vocab_size())
-    end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+    end_of_text = end_of_text_id(tokenizer)
     writer = ShardWriter(folder, split, dtype, shard_tokens)
     text_tokens = array("I")  # 4 bytes per text: a few MB for millions of texts
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
@@ -226,7 +224,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=layout.TOKENS)
     args = parser.parse_args()
     params = load_params(args.params)
-    foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri)
+    foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri, params.model.context_length)
     manifest = tokenize(params, args.prepared, args.out, foundation=foundation)
     dropped = manifest["corpus"]["unlabeled_dropped"]
     cut = ", ".join(f"{side} {n['passages']} ({n['chars']:,} chars)"

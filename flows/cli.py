@@ -147,6 +147,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(line)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from components.export import export
+    from components.predict import load_registered
+
+    classifier, manifest = load_registered(registry_uri(args), args.model)
+    export(classifier, manifest, args.format, Path(args.out))
+    print(f"exported {manifest['name']}:{manifest['version']} as {args.format} to {args.out}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from components.checkpoints import locate_checkpoint
     from components.generate import generate
@@ -264,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(.csv, .tsv, .jsonl or .parquet) instead of JSON lines")
     predict.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
     predict.set_defaults(handler=cmd_predict)
+
+    export = verbs.add_parser("export", help="write a registered classifier as a Hugging Face folder or ONNX")
+    export.add_argument("--model", required=True, help="NAME, NAME@ALIAS (champion, latest, ...) or NAME:VERSION")
+    export.add_argument("--format", required=True, metavar="hf|onnx",
+                        help="hf: the backbone in its family's transformers layout plus the head; onnx: the whole "
+                        "classifier, ids and mask in, probabilities out")
+    export.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier export)")
+    export.add_argument("--registry", help="registry URI (default: registry.uri in params.yaml)")
+    export.set_defaults(handler=cmd_export)
 
     generate = verbs.add_parser("generate", help="sample text from a pre-trained checkpoint")
     generate.add_argument("--model", default=str(layout.PRETRAINED),

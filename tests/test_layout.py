@@ -30,7 +30,7 @@ def test_components_never_import_prefect_or_dvc(path):
 
 def test_help_lists_every_verb():
     verbs = set(build_parser()._subparsers._group_actions[0].choices)
-    assert verbs == {"run", "predict", "generate", "foundation", "notify", "team-setup", "registry"}
+    assert verbs == {"run", "predict", "export", "generate", "foundation", "notify", "team-setup", "registry"}
     out = subprocess.run([str(BIN / "gptpipe"), "--help"], capture_output=True, text=True, check=True).stdout
     assert all(verb in out for verb in verbs)
 

@@ -38,7 +38,8 @@ from components.inference import (
 )
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params
-from components.tokenize import PADDING, train_tokenizer
+from components.special_tokens import padding_id
+from components.tokenize import train_tokenizer
 from tests.conftest import TINY_PARAMS, support_tickets
 
 TINY = GPTConfig(vocab_size=320, context_length=32, n_layer=2, n_head=2, d_model=16)
@@ -300,7 +301,7 @@ def test_per_batch_padding_gives_the_logits_of_padding_to_the_longest_text(works
     assert padded_to_all[0].shape[1:] == (4, TINY.context_length)
     with torch.no_grad():
         expected = classifier(*padded_to_all)
-    per_batch = classify_windows(classifier, rows, tokenizer.token_to_id(PADDING), batch_size=2)
+    per_batch = classify_windows(classifier, rows, padding_id(tokenizer), batch_size=2)
     assert [len(batch) for batch in batches_by_length(rows, 2)] == [2, 2]
     assert torch.allclose(per_batch, expected, atol=1e-5)
 

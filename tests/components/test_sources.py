@@ -12,7 +12,7 @@ from components.errors import InputError
 from components.ingest import ingest
 from components.params import Params
 from components.sources import read_labeled, read_unlabeled, unlabeled_batches
-from tests.conftest import support_tickets
+from tests.conftest import FOUNDATION, ROOT, support_tickets
 
 
 def test_labeled_csv_from_s3(tmp_path, bucket):
@@ -115,3 +115,45 @@ def test_data_sources_change_exactly_when_a_file_does(tmp_path, bucket):
     assert describe(f"s3://{bucket}/data/") == first
     client.put_object(Bucket=bucket, Key="data/a.csv", Body=b"text,label\nq,1\n")  # new ETag
     assert describe(f"s3://{bucket}/data/") != first
+
+
+def write_checkpoint(folder, seed: int) -> None:
+    """A tiny checkpoint folder of this repository's kind, its weights drawn with `seed`."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_model
+
+    from components.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=8192, context_length=16, n_layer=1, n_head=2, d_model=8)
+    folder.mkdir(exist_ok=True)
+    save_model(GPT(config), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    shutil.copy(ROOT / FOUNDATION / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "metrics.json").write_text(json.dumps({"val_perplexity": 100.0 + seed}))
+
+
+def test_the_foundation_record_changes_exactly_when_the_checkpoint_does(tmp_path):
+    from components.data_sources import foundation_source
+    from components.register import register_checkpoint
+
+    folder, registry = tmp_path / "base", str(tmp_path / "registry")
+
+    def source(init_from: str) -> dict:
+        return foundation_source(Params.model_validate({"pretrain": {"init_from": init_from},
+                                                        "registry": {"uri": registry}}))
+
+    write_checkpoint(folder, seed=0)
+    register_checkpoint(registry, "base", folder)
+    by_folder, by_alias = source(str(folder)), source("registry:base@latest")
+    assert (source(str(folder)), source("registry:base@latest")) == (by_folder, by_alias)  # unchanged: no rerun
+    write_checkpoint(folder, seed=1)  # rebuilt in place
+    assert source(str(folder))["sha256"] != by_folder["sha256"]
+    assert source("registry:base@latest") == by_alias  # the alias has not moved
+    register_checkpoint(registry, "base", folder)  # now it has
+    moved = source("registry:base@latest")
+    assert (moved["version"], by_alias["version"]) == (2, 1) and moved["sha256"] != by_alias["sha256"]
+    assert source("scratch") == {"init_from": "scratch"}

@@ -11,10 +11,12 @@ import polars as pl
 import pytest
 from tokenizers import Tokenizer
 
-from components.ingest import ingest, normalise, write_splits
+from components.held_out import normalise
+from components.ingest import ingest, write_splits
 from components.params import Params
 from components.pretrain import RandomWindows
-from components.tokenize import END_OF_TEXT, PADDING, take_chars, token_dtype, tokenize
+from components.special_tokens import END_OF_TEXT, PADDING
+from components.tokenize import take_chars, token_dtype, tokenize
 from tests.conftest import BIN, TINY_PARAMS, make_project, support_tickets
 
 

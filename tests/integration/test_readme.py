@@ -31,7 +31,7 @@ def readme_commands() -> list[str]:
 def test_readme_shows_the_commands_a_user_needs():
     verbs = {shlex.split(command, comments=True)[1] for command in readme_commands()
              if command.startswith(".venv/bin/gptpipe")}
-    assert {"run", "predict", "registry", "generate", "foundation"} <= verbs
+    assert {"run", "predict", "export", "registry", "generate", "foundation"} <= verbs
     assert any(command.startswith(".venv/bin/dvc repro") for command in readme_commands())
 
 
