@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.errors import InputError
-from components.hf_import import import_checkpoint, is_published
 from components.registry import Registry
 
 SCRATCH = "scratch"
@@ -38,6 +37,17 @@ def locate_checkpoint(model: str, registry_uri: str) -> Path:
     return check_checkpoint(registry.fetch(registry.resolve(model)), f"--model {model}")
 
 
+HUB_PREFIX = "hf:"
+
+
+def is_published(init_from: str) -> bool:
+    """Whether `init_from` names a Hugging Face-format checkpoint rather than one of this repository's folders."""
+    if init_from.startswith((HUB_PREFIX, "s3://")):
+        return True
+    config = Path(init_from) / "config.json"
+    return config.is_file() and "model_type" in json.loads(config.read_text())
+
+
 def weights_digest(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
@@ -49,6 +59,8 @@ def resolve_foundation(init_from: str, registry_uri: str, context_length: int,
     if init_from == SCRATCH:
         return None
     if is_published(init_from):
+        from components.hf_import import import_checkpoint  # torch and the converters: only for such checkpoints
+
         return Foundation(*import_checkpoint(init_from, context_length, key))
     if init_from.startswith(REGISTRY_PREFIX):
         registry = Registry(registry_uri)

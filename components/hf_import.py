@@ -19,6 +19,7 @@ from safetensors.torch import save_model
 from tokenizers import Tokenizer
 
 from components.atomic import atomic_dir
+from components.checkpoints import HUB_PREFIX
 from components.errors import InputError
 from components.hf_format import family_named, from_hf, gpt_config, read_weights
 from components.model import GPT
@@ -26,20 +27,11 @@ from components.registry import cache_root
 from components.sources import TransientStorageError, file_sha256, s3_client, s3_error, s3_keys, split_s3_uri
 from components.special_tokens import END_OF_TEXT_NAMES, end_of_text_id
 
-HUB_PREFIX = "hf:"
 HUB_REF = re.compile(r"(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 # What a checkpoint folder holds that import reads: config, weights (one file or shards and their index),
 # tokenizer, and the model card and licence files that state the licence.
 WANTED = re.compile(r"(config\.json|tokenizer\.json|[^/]*\.safetensors(\.index\.json)?|README\.md|LICEN[CS]E[^/]*)")
 CONVERSION = 1  # bump when the conversion's output changes, so that cached conversions are redone
-
-
-def is_published(init_from: str) -> bool:
-    """Whether `init_from` names a Hugging Face-format checkpoint rather than one of this repository's folders."""
-    if init_from.startswith((HUB_PREFIX, "s3://")):
-        return True
-    config = Path(init_from) / "config.json"
-    return config.is_file() and "model_type" in json.loads(config.read_text())
 
 
 def parse_hub_ref(init_from: str, key: str) -> tuple[str, str | None]:
