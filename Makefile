@@ -34,6 +34,8 @@ system-tools:
 lint: $(STAMP)
 	$(BIN)/ruff check components flows tests benchmarks
 
+# DVC's site cache (state and index databases) stays in the clone, named in .dvc/config.local by its absolute path:
+# the committed relative one breaks `dvc exp run --queue`, whose copies of the repository resolve it elsewhere.
 # torch is pinned apart from the lock: `pip install torch==2.13.0` takes the CPU build, while a resolver
 # left to itself would pull the multi-GB CUDA one. uv then installs the exact locked versions in seconds.
 $(STAMP): pyproject.toml requirements.lock
@@ -41,6 +43,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 uv==0.13.9
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/dvc config --local core.site_cache_dir $(CURDIR)/.dvc/site
 	touch $@
 
 # Re-resolve after changing dependencies in pyproject.toml; torch and the project itself stay out of the lock.
@@ -49,4 +52,4 @@ lock: $(STAMP)
 	$(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable | grep -v -E '^torch==' > requirements.lock
 
 clean:
-	rm -rf $(VENV) data models reports/*.json reports/*.png reports/*.md .gptpipe
+	rm -rf $(VENV) data models reports/*.json reports/*.png reports/*.md reports/curves dvc_plots .gptpipe

@@ -33,7 +33,9 @@ from tokenizers import Tokenizer
 from components import layout
 from components.atomic import write_bytes_atomic, write_json_atomic
 from components.bootstrap import bootstrap_intervals
+from components.curves import plot_curves
 from components.errors import exit_on_input_error
+from components.figures import save_figure
 from components.finetune import finetune
 from components.inference import LoadedClassifier, load_backbone, load_classifier
 from components.model import GPT, Classifier
@@ -249,13 +251,6 @@ class LabelEfficiency:
         return rows
 
 
-def save_figure(fig, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(suffix=".png") as staging:
-        fig.savefig(staging.name, dpi=110)
-        write_bytes_atomic(path, Path(staging.name).read_bytes())
-    plt.close(fig)
-
-
 def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5))
     ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, ax=ax, colorbar=False,
@@ -279,7 +274,7 @@ def plot_label_efficiency(rows: list[dict], classes: int, path: Path) -> None:
     save_figure(fig, path)
 
 
-def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: Path, out: Path) -> dict:
+def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: Path, curves: Path, out: Path) -> dict:
     # setup
     train = pl.read_parquet(prepared / "train.parquet")
     test = pl.read_parquet(prepared / "test.parquet")
@@ -319,6 +314,9 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
                    f"Fine-tuned GPT on {len(truth)} test texts: accuracy {finetuned['accuracy']:.3f}")
     write_json_atomic(out / layout.LABEL_EFFICIENCY.name, curve)
     plot_label_efficiency(curve, len(labels), out / layout.LABEL_EFFICIENCY_PLOT.name)
+    pretraining = "continued pre-training" if metrics["pretrain"].get("foundation") else "pre-training"
+    plot_curves({pretraining: curves / layout.PRETRAIN_CURVES.name,
+                 "fine-tuning": curves / layout.FINETUNE_CURVES.name}, out / layout.CURVES_PLOT.name)
     write_bytes_atomic(out / layout.MISTAKES.name, confident_mistakes(test, probs, labels).encode())
     splits = {"train": train.height, "val": pl.read_parquet(prepared / "val.parquet").height, "test": test.height}
     write_bytes_atomic(out / layout.MODEL_CARD.name, model_card(params, metrics, curve, splits, labels).encode())
@@ -332,9 +330,11 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=layout.PREPARED)
     parser.add_argument("--pretrained", type=Path, default=layout.PRETRAINED)
     parser.add_argument("--classifier", type=Path, default=layout.CLASSIFIER)
+    parser.add_argument("--curves", type=Path, default=layout.CURVES, help="the training stages' curves folders")
     parser.add_argument("--out", type=Path, default=layout.REPORTS)
     args = parser.parse_args()
-    metrics = evaluate(load_params(args.params), args.prepared, args.pretrained, args.classifier, args.out)
+    metrics = evaluate(load_params(args.params), args.prepared, args.pretrained, args.classifier, args.curves,
+                       args.out)
     rows = [("fine-tuned GPT", metrics["finetune"]["test"])]
     rows += [(f"{name} ({result['labels_per_class']}/class)" if result.get("labels_per_class") else name,
               result["test"]) for name, result in metrics["baselines"].items()]

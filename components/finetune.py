@@ -20,10 +20,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from safetensors.torch import save_model
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Sampler
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from components import layout
 from components.atomic import atomic_dir
+from components.curves import publish_curves
 from components.errors import exit_on_input_error
 from components.inference import (
     Windows,
@@ -105,6 +107,7 @@ class TextClassifier(L.LightningModule):
         classes = classifier.head.out_features
         self.val_f1 = MulticlassF1Score(classes, average="macro")
         self.val_accuracy = MulticlassAccuracy(classes, average="micro")
+        self.val_loss = MeanMetric()
 
     def on_train_epoch_start(self) -> None:
         if self.cfg.strategy == "ulmfit":
@@ -114,7 +117,7 @@ class TextClassifier(L.LightningModule):
         ids, mask, labels = batch
         if self.cfg.aux_lm_weight:
             logits, lm_loss = self.classifier(ids, mask, lm_loss=True)
-            self.log("lm_loss", lm_loss)
+            self.log("train_lm_loss", lm_loss)
         else:
             logits, lm_loss = self.classifier(ids, mask), 0.0
         loss = F.cross_entropy(logits.float(), labels, weight=self.class_weight) + self.cfg.aux_lm_weight * lm_loss
@@ -123,10 +126,13 @@ class TextClassifier(L.LightningModule):
 
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         ids, mask, labels = batch
-        predictions = self.classifier(ids, mask).argmax(dim=-1)
+        logits = self.classifier(ids, mask)
+        predictions = logits.argmax(dim=-1)
         self.val_f1.update(predictions, labels)
         self.val_accuracy.update(predictions, labels)
-        self.log_dict({"val_macro_f1": self.val_f1, "val_accuracy": self.val_accuracy}, prog_bar=True)
+        self.val_loss.update(F.cross_entropy(logits.float(), labels), weight=len(labels))
+        self.log_dict({"val_macro_f1": self.val_f1, "val_accuracy": self.val_accuracy, "val_loss": self.val_loss},
+                      prog_bar=True)
 
     def configure_optimizers(self):
         cfg = self.cfg
@@ -216,10 +222,12 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
 
 
 def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer, work_dir: Path,
-             train: pl.DataFrame | None = None, select_on_val: bool = True) -> tuple[Classifier, dict]:
+             train: pl.DataFrame | None = None, select_on_val: bool = True,
+             curves: Path | None = None) -> tuple[Classifier, dict]:
     """Fine-tune `backbone` (pre-trained, or freshly initialised for the scratch baseline) on `train` (the train
     split by default) for `training_epochs`. With `select_on_val` it keeps the epoch with the best val macro-F1
-    and fits the temperature on val; without, it uses no val labels and keeps the last epoch."""
+    and fits the temperature on val; without, it uses no val labels and keeps the last epoch. With `curves`, the
+    training curves are logged into that folder."""
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
     cfg = params.finetune
@@ -246,12 +254,13 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     callbacks = [best] if select_on_val else []
     if select_on_val and cfg.patience:
         callbacks.append(EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.patience))
-    trainer = make_trainer(cfg.precision, work_dir, callbacks, max_epochs=epochs, log_every_n_steps=5,
+    trainer = make_trainer(cfg.precision, work_dir, callbacks, curves=curves, max_epochs=epochs,
                            enable_checkpointing=select_on_val)
     # loop and validate
     trainer.fit(module, train_loader, val_loader)
     summary = {"strategy": cfg.strategy, "labels": labels, "train_examples": train.height,
-               "epochs_trained": trainer.current_epoch}
+               "epochs_trained": trainer.current_epoch, "steps": trainer.global_step,
+               "train_loss": float(trainer.callback_metrics["train_loss"])}  # the last step's
     if select_on_val:
         module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
         summary["val_macro_f1"] = float(best.best_model_score)
@@ -287,13 +296,16 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=layout.PREPARED)
     parser.add_argument("--pretrained", type=Path, default=layout.PRETRAINED)
     parser.add_argument("--out", type=Path, default=layout.CLASSIFIER)
+    parser.add_argument("--curves", type=Path, default=layout.FINETUNE_CURVES)
     args = parser.parse_args()
     params = load_params(args.params)
     tokenizer = Tokenizer.from_file(str(args.pretrained / "tokenizer.json"))
     with tempfile.TemporaryDirectory(prefix="gptpipe-finetune-") as work_dir:
+        work_curves = Path(work_dir) / "curves"
         classifier, summary = finetune(params, args.prepared, load_backbone(args.pretrained), tokenizer,
-                                       Path(work_dir))
-    save_classifier(classifier, args.pretrained / "tokenizer.json", summary, params.finetune, args.out)
+                                       Path(work_dir), curves=work_curves)
+        save_classifier(classifier, args.pretrained / "tokenizer.json", summary, params.finetune, args.out)
+        publish_curves(work_curves, args.curves)
     print(f"finetune: {summary['strategy']}, best val macro-F1 {summary['val_macro_f1']:.3f} on "
           f"{summary['train_examples']} examples; temperature {summary['temperature']:.2f} "
           f"(val NLL {summary['val_nll']['before']:.3f} -> {summary['val_nll']['after']:.3f})")

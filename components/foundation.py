@@ -170,7 +170,9 @@ def build_foundation(cfg: FoundationParams, seed: int, registry_uri: str, out: P
     else:
         config = GPTConfig(vocab_size=manifest["vocab_size"], **cfg.model.model_dump())
         init = None
-    model, summary, _ = train_language_model(seed, config, cfg.pretrain, tokens, manifest, work_root / "resume", init)
+    curves = work_root / "curves"
+    model, summary, _ = train_language_model(seed, config, cfg.pretrain, tokens, manifest, work_root / "resume",
+                                             curves, init)
     # validate, per source
     per_source = {source: held_out_perplexity(model, tokens, entry, cfg.pretrain.val_batches, seed)
                   for source, entry in manifest["val_sources"].items()}
@@ -185,10 +187,11 @@ def build_foundation(cfg: FoundationParams, seed: int, registry_uri: str, out: P
     lineage = {"files": manifest["files"], "params": cfg.model_dump(mode="json"), "seed": seed,
                "continued_from": summary["continued_from"], "tokens_sha256": manifest["train"]["sha256"]}
     save_pretrained(model, tokens, summary, out)
-    with atomic_dir(out) as staging:  # add card and lineage to the checkpoint folder in one rename
+    with atomic_dir(out) as staging:  # add card, lineage and training curves to the checkpoint folder in one rename
         shutil.copytree(out, staging, dirs_exist_ok=True)
         (staging / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (staging / "MODEL_CARD.md").write_text(model_card(summary, config))
+        shutil.copytree(curves, staging / "curves")
     return summary
 
 

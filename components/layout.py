@@ -20,3 +20,7 @@ LABEL_EFFICIENCY_PLOT = REPORTS / "label_efficiency.png"
 CONFUSION_PLOT = REPORTS / "confusion_matrix.png"
 MISTAKES = REPORTS / "mistakes.md"
 MODEL_CARD = REPORTS / "model_card.md"
+CURVES = REPORTS / "curves"  # one DVCLive folder per training stage
+PRETRAIN_CURVES = CURVES / "pretrain"
+FINETUNE_CURVES = CURVES / "finetune"
+CURVES_PLOT = REPORTS / "training_curves.png"

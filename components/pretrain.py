@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_model
 from torch.utils.data import DataLoader, IterableDataset
+from torchmetrics import MeanMetric
 
 from components import layout
 from components.atomic import atomic_dir, write_bytes_atomic
 from components.checkpoints import Foundation, resolve_foundation
+from components.curves import publish_curves
 from components.errors import InputError, exit_on_input_error
 from components.inference import load_weights
 from components.model import GPT, GPTConfig
@@ -75,9 +77,10 @@ class RandomWindows(IterableDataset):
 class LanguageModel(L.LightningModule):
     def __init__(self, config: dict, train: dict, data_fingerprint: str):
         super().__init__()
-        self.save_hyperparameters()  # resume compares these: a changed config or corpus starts fresh
+        self.save_hyperparameters(logger=False)  # resume compares these: a changed config or corpus starts fresh
         self.model = GPT(GPTConfig(**config))
         self.train_cfg = train
+        self.val_loss = MeanMetric()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -87,8 +90,12 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
-        self.log("val_loss", loss, prog_bar=True, sync_dist=True)  # each rank holds a slice of the windows
+        self.val_loss.update(F.cross_entropy(self.model(x).flatten(0, 1), y.flatten()))
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # over every rank's slice of the windows
+        self.val_loss.reset()
+        self.log_dict({"val_loss": loss, "val_perplexity": loss.exp()}, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         cfg = self.train_cfg
@@ -169,10 +176,11 @@ def restore_mirrored(mirror, key: str, last: Path) -> None:
 
 
 def train_language_model(seed: int, config: GPTConfig, cfg: PretrainParams, tokens: Path, manifest: dict,
-                         resume_root: Path, init_weights: Path | None = None) -> tuple[GPT, dict, L.Trainer]:
+                         resume_root: Path, curves: Path, init_weights: Path | None = None
+                         ) -> tuple[GPT, dict, L.Trainer]:
     """Next-token training on the token shards in `tokens`, from `init_weights` (a safetensors file) or from
-    random weights; resumes from the last checkpoint of this exact configuration. Returns the model, a summary
-    and the trainer (for further validation)."""
+    random weights; resumes from the last checkpoint of this exact configuration, its training curves too.
+    Writes the curves to `curves`; returns the model, a summary and the trainer (for further validation)."""
     # setup
     L.seed_everything(seed, workers=True, verbose=False)
     check_corpus(manifest, config.context_length, tokens)
@@ -192,25 +200,29 @@ def train_language_model(seed: int, config: GPTConfig, cfg: PretrainParams, toke
     def mirror_checkpoint(path: Path) -> None:
         mirror.upload(f"{resume_dir.name}/{path.name}", path)
 
+    # the last checkpoint of this exact configuration, if one survived a crash here or, mirrored, on another worker
+    last = resume_dir / "last.ckpt"
+    restore_mirrored(mirror, f"{resume_dir.name}/last.ckpt", last)
+    resumed_from = read_checkpoint(last)["global_step"] if last.exists() else 0
     trainer = make_trainer(cfg.precision, resume_dir, [throughput, checkpoints],
                            mirror=mirror_checkpoint if mirror else None,
+                           curves=resume_dir / "curves" if cfg.max_steps else None, resume_at=resumed_from,
                            max_steps=max(cfg.max_steps, 1), accumulate_grad_batches=cfg.accumulate_grad_batches,
                            devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                            val_check_interval=cfg.val_every_n_steps * cfg.accumulate_grad_batches,
                            check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
-                           gradient_clip_val=cfg.grad_clip or None, log_every_n_steps=10)
-    # loop (resuming from the last checkpoint of this exact configuration, if one survived a crash here or,
-    # mirrored, on another worker); 0 steps keeps the starting weights as they are
-    last = resume_dir / "last.ckpt"
-    restore_mirrored(mirror, f"{resume_dir.name}/last.ckpt", last)
-    resumed_from = read_checkpoint(last)["global_step"] if last.exists() else 0
+                           gradient_clip_val=cfg.grad_clip or None)
+    # loop; 0 steps keeps the starting weights as they are
     started = time.perf_counter()
     if cfg.max_steps:
         trainer.fit(torch.compile(module) if cfg.compile else module, datamodule=data,
                     ckpt_path=last if last.exists() else None, weights_only=True)
-    # validate
+    train_loss = trainer.callback_metrics.get("train_loss")  # the last step's, as the curve's last row
+    # validate (the curves hold training's validations: this one repeats the last, or falls off their schedule)
+    trainer.loggers = []
     val_loss = trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"]
     summary = {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+               "train_loss": float(train_loss) if train_loss is not None else None,
                "tokens_per_second": throughput.tokens_per_second, "mfu": throughput.mfu,
                "n_params": module.model.num_params(non_embedding=False),
                "train_tokens": cfg.max_steps * cfg.accumulate_grad_batches * cfg.batch_size * config.context_length,
@@ -218,14 +230,16 @@ def train_language_model(seed: int, config: GPTConfig, cfg: PretrainParams, toke
                "seconds": time.perf_counter() - started, "precision": resolve_precision(cfg.precision),
                "devices": trainer.world_size}
     if trainer.is_global_zero:
+        publish_curves(resume_dir / "curves", curves)
         shutil.rmtree(resume_dir, ignore_errors=True)
     return module.model, summary, trainer
 
 
-def pretrain(params: Params, tokens: Path, out: Path, foundation: Foundation | None = None,
+def pretrain(params: Params, tokens: Path, out: Path, curves: Path, foundation: Foundation | None = None,
              resume_root: Path = RESUME_ROOT) -> dict:
     """Pre-train on the task's token stream: continued from `foundation` (whose tokenizer encoded the stream;
-    ULMFiT's second stage) or, when None, from random weights with the shape in `params.model`."""
+    ULMFiT's second stage) or, when None, from random weights with the shape in `params.model`; the training
+    curves go to `curves`."""
     manifest = json.loads((tokens / "manifest.json").read_text())
     if foundation is not None:
         config = GPTConfig(**json.loads((foundation.folder / "config.json").read_text()))
@@ -234,7 +248,7 @@ def pretrain(params: Params, tokens: Path, out: Path, foundation: Foundation | N
         config = GPTConfig(vocab_size=manifest["vocab_size"], **params.model.model_dump())
         init = None
     model, summary, trainer = train_language_model(params.seed, config, params.pretrain, tokens, manifest,
-                                                   resume_root, init)
+                                                   resume_root, curves, init)
     summary["foundation"] = foundation.record if foundation else None
     if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
         save_pretrained(model, tokens, summary, out)
@@ -246,10 +260,11 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tokens", type=Path, default=layout.TOKENS)
     parser.add_argument("--out", type=Path, default=layout.PRETRAINED)
+    parser.add_argument("--curves", type=Path, default=layout.PRETRAIN_CURVES)
     args = parser.parse_args()
     params = load_params(args.params)
     foundation = resolve_foundation(params.pretrain.init_from, params.registry.uri, params.model.context_length)
-    summary = pretrain(params, args.tokens, args.out, foundation)
+    summary = pretrain(params, args.tokens, args.out, args.curves, foundation)
     start = f"continued from {foundation.record['name']}" if foundation else "from scratch"
     print(f"pretrain ({start}, {params.pretrain.max_steps} steps): val perplexity {summary['val_perplexity']:.1f}, "
           f"{summary['tokens_per_second']:,.0f} tokens/s, {summary['n_params']:,} parameters")

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from components.atomic import atomic_file
+from components.curves import curves_logger
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -86,9 +87,10 @@ class TokenThroughput(L.Callback):
             return
         self.seconds += time.perf_counter() - self._started
         self.tokens += self.tokens_per_batch  # the global batch: all ranks step together
-        pl_module.log("tok/s", self.tokens_per_second, prog_bar=True, on_step=True, rank_zero_only=True)
+        pl_module.log("train_tokens_per_second", self.tokens_per_second, prog_bar=True, on_step=True,
+                      rank_zero_only=True)
         if self.mfu is not None:
-            pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True, rank_zero_only=True)
+            pl_module.log("train_mfu", self.mfu, prog_bar=True, on_step=True, rank_zero_only=True)
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,17 +103,32 @@ class TokenThroughput(L.Callback):
         return self.tokens_per_second * self.flops_per_token / self.peak_flops
 
 
+class OptimizerCurves(L.Callback):
+    """Log the learning rate (of the last parameter group: the top one for discriminative rates) and the gradient
+    norm before clipping, at each optimizer step."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        pl_module.log_dict({"train_grad_norm": torch.nn.utils.get_total_norm(grads),
+                            "train_lr": float(optimizer.param_groups[-1]["lr"])}, on_step=True, on_epoch=False)
+
+
 def make_trainer(precision: str, root: Path, callbacks: list[L.Callback], mirror: Callable[[Path], None] | None = None,
-                 **kwargs: Any) -> L.Trainer:
+                 curves: Path | None = None, resume_at: int = 0, **kwargs: Any) -> L.Trainer:
+    """The Trainer of both training stages; with `curves`, it logs training curves every step into that folder
+    (continuing them from step `resume_at` when resuming from a checkpoint)."""
     if kwargs.get("enable_progress_bar", True):
         # tqdm redraws with carriage returns, which the flow's log streaming turns into periodic progress lines.
         callbacks = [*callbacks, TQDMProgressBar(refresh_rate=10)]
+    if curves is not None:
+        callbacks = [*callbacks, OptimizerCurves()]
     kwargs.setdefault("devices", 1)
     return L.Trainer(
         accelerator="auto",
         precision=resolve_precision(precision),
         default_root_dir=root,
-        logger=False,
+        logger=curves_logger(curves, resume_at) if curves is not None else False,
+        log_every_n_steps=1,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(mirror)],
         enable_model_summary=False,

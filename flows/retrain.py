@@ -75,6 +75,8 @@ PLOT_ARTIFACTS = {
     "confusion-matrix": (layout.CONFUSION_PLOT, "Test confusion matrix of the fine-tuned GPT"),
     "label-efficiency-curve": (layout.LABEL_EFFICIENCY_PLOT, "Test macro-F1 by labels per class"),
     "text-lengths": (layout.LENGTHS_PLOT, "Text lengths of the prepared splits"),
+    "training-curves": (layout.CURVES_PLOT, "Loss, validation scores, gradient norm and learning rate of "
+                                            "pre-training and fine-tuning, by optimizer step"),
 }
 
 

@@ -82,11 +82,13 @@ def test_evaluate_writes_the_reports(tmp_path):
         "label_budgets": [2, "all"], "scratch_labels_per_class": 2,
         "bootstrap_samples": 200}})
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
+    curves = tmp_path / "curves"  # the fine-tune's; pre-training's are missing, and drawn as such
     with tempfile.TemporaryDirectory() as work_dir:
-        classifier, summary = finetune(params, prepared, load_backbone(pretrained), tokenizer, Path(work_dir))
+        classifier, summary = finetune(params, prepared, load_backbone(pretrained), tokenizer, Path(work_dir),
+                                       curves=curves / "finetune")
     save_classifier(classifier, pretrained / "tokenizer.json", summary, params.finetune, tmp_path / "classifier")
     out = tmp_path / "reports"
-    metrics = evaluate(params, prepared, pretrained, tmp_path / "classifier", out)
+    metrics = evaluate(params, prepared, pretrained, tmp_path / "classifier", curves, out)
 
     assert metrics == json.loads((out / "metrics.json").read_text())
     test = metrics["finetune"]["test"]
@@ -106,7 +108,7 @@ def test_evaluate_writes_the_reports(tmp_path):
             assert set(row[name]) == {"accuracy", "macro_f1"} and 0 <= row[name]["macro_f1"] <= 1
     assert curve[1]["pretrained"]["accuracy"] == pytest.approx(test["accuracy"])
     assert curve[0]["scratch"]["macro_f1"] == metrics["baselines"]["scratch"]["test"]["macro_f1"]
-    for png in ("confusion_matrix.png", "label_efficiency.png"):
+    for png in ("confusion_matrix.png", "label_efficiency.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "mistakes.md").read_text().startswith("| confidence | true | predicted | text |")
     card = (out / "model_card.md").read_text()

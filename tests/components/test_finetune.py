@@ -4,6 +4,8 @@ chunked reading, temperature fitting and the classifier folder."""
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_model
 from sklearn.utils.class_weight import compute_class_weight
 from tokenizers import Tokenizer
 
+from components.curves import read_curves
 from components.errors import InputError
 from components.finetune import (
     DrawWindows,
@@ -37,7 +40,7 @@ from components.inference import (
     text_windows,
 )
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
-from components.params import FinetuneParams, Params
+from components.params import FinetuneParams, Params, to_yaml
 from components.special_tokens import padding_id
 from components.tokenize import train_tokenizer
 from tests.conftest import TINY_PARAMS, support_tickets
@@ -255,6 +258,26 @@ def test_training_steps_follow_the_number_of_examples(workspace, tmp_path):
     # 54 examples in batches of 8: sqrt(54) x 1.5 = 11 steps, two epochs of 7
     _, summary, _, _ = run(workspace, tmp_path, epochs=None, steps_per_sqrt_example=1.5)
     assert summary["epochs_trained"] == 2
+
+
+def test_stage_writes_curves_with_a_row_per_step(workspace, tmp_path):
+    prepared, pretrained = workspace
+    params = tmp_path / "params.yaml"
+    params.write_text(to_yaml(tiny_params(epochs=2)))
+    done = subprocess.run([sys.executable, "-m", "components.finetune", "--params", params, "--prepared", prepared,
+                           "--pretrained", pretrained, "--out", tmp_path / "classifier", "--curves",
+                           tmp_path / "curves"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "classifier/metrics.json").read_text())
+    curves = read_curves(tmp_path / "curves")
+    steps = summary["steps"]  # 54 examples in batches of 8: 7 a epoch
+    assert steps == 14 and summary["epochs_trained"] == 2
+    for name in ("train/loss", "train/lr", "train/grad_norm"):
+        assert curves[name]["step"].to_list() == list(range(1, steps + 1)), name
+    assert curves["train/loss"]["loss"][-1] == summary["train_loss"]
+    for name in ("val/loss", "val/accuracy", "val/macro_f1"):  # at the end of each epoch
+        assert curves[name]["step"].to_list() == [7, 14], name
+    assert max(curves["val/macro_f1"]["macro_f1"]) == pytest.approx(summary["val_macro_f1"])  # the epoch kept
 
 
 def test_early_stopping_ends_when_val_macro_f1_stops_improving(workspace, tmp_path):

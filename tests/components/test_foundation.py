@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from tokenizers import Tokenizer
 
+from components.curves import read_curves
 from components.foundation import build_foundation, is_held_out, source_of
 from components.params import FoundationParams
 from tests.conftest import ROOT, support_tickets
@@ -25,7 +26,8 @@ TINY_FOUNDATION = {
     "pretrain": {"init_from": "scratch", "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "val_every_n_steps": 2,
                  "val_batches": 2, "checkpoint_every_n_steps": 2, "precision": "32-true"},
 }
-FILES = {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "lineage.json", "MODEL_CARD.md"}
+FILES = {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "lineage.json", "MODEL_CARD.md",
+         "curves"}
 
 
 @pytest.fixture
@@ -80,6 +82,9 @@ def test_foundation_from_local_s3_and_fsspec_shards(corpus, tmp_path, bucket):
     assert local["corpus"]["tickets"]["documents"] == 180 and local["corpus"]["tickets"]["licence"] == "CC0"
     assert set(local["val_perplexity_per_source"]) == {"tickets", "notes"}
     assert local["tokens_seen"] == 4 * 4 * 16
+    curves = read_curves(out / "curves")  # DVCLive's files: a row per step, validation every 2
+    assert curves["train/loss"]["step"].to_list() == [1, 2, 3, 4]
+    assert curves["val/perplexity"]["step"].to_list() == [2, 4]
     card = (out / "MODEL_CARD.md").read_text()
     assert "| notes | public domain |" in card and "| tickets | CC0 |" in card
     # The same shards from S3 and through fsspec (the code path of hf:// paths): the same bytes, the same model.
@@ -122,3 +127,5 @@ def test_foundation_resumes_after_kill(corpus, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 25 and metrics["tokens_seen"] == 100 * 4 * 16
+    steps = read_curves(tmp_path / "out/curves")["train/loss"]["step"].to_list()
+    assert steps == sorted(set(steps)) and steps[-1] == 100  # continued, no step twice

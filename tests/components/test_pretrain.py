@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from components.curves import read_curves
 from components.pretrain import RandomWindows
 from components.training import warmup_cosine
 from tests.conftest import TINY_PARAMS
@@ -39,7 +40,7 @@ def test_schedule_warms_up_then_decays_to_floor():
     assert values[100] == pytest.approx(0.1)
 
 
-def test_checkpoint_folder_describes_itself(tokenized):
+def test_checkpoint_folder_describes_itself_and_curves_hold_a_row_per_step(tokenized):
     project, env = tokenized
     subprocess.run([sys.executable, "-m", "components.pretrain"], cwd=project, check=True, env=env,
                    capture_output=True)
@@ -47,9 +48,21 @@ def test_checkpoint_folder_describes_itself(tokenized):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors",
                                                      "tokenizer.json"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == TINY_PARAMS["pretrain"]["max_steps"] and metrics["resumed_from_step"] == 0
+    steps = TINY_PARAMS["pretrain"]["max_steps"]
+    assert metrics["steps"] == steps and metrics["resumed_from_step"] == 0
     assert json.loads((out / "config.json").read_text())["d_model"] == TINY_PARAMS["model"]["d_model"]
     assert not any((project / ".gptpipe/resume/pretrain").iterdir())  # resume state is cleaned up
+    # The curves (DVCLive): a row per optimizer step, validation at its schedule, the last loss the one reported.
+    curves = read_curves(project / "reports/curves/pretrain")
+    for name in ("train/loss", "train/lr", "train/grad_norm"):
+        assert curves[name]["step"].to_list() == list(range(1, steps + 1)), name
+    assert curves["train/loss"]["loss"][-1] == metrics["train_loss"]
+    every = TINY_PARAMS["pretrain"]["val_every_n_steps"]
+    assert curves["val/loss"]["step"].to_list() == list(range(every, steps + 1, every))
+    assert curves["val/perplexity"]["perplexity"].to_list() == pytest.approx(np.exp(curves["val/loss"]["loss"]))
+    assert curves["val/loss"]["loss"][-1] == pytest.approx(metrics["val_loss"], abs=1e-6)  # same weights, windows
+    summary = json.loads((project / "reports/curves/pretrain/metrics.json").read_text())
+    assert summary["step"] == steps and summary["train"]["loss"] == metrics["train_loss"]
 
 
 def kill_after_first_checkpoint(project, env, saved=None, **pretrain) -> list[str]:
@@ -72,9 +85,17 @@ def kill_after_first_checkpoint(project, env, saved=None, **pretrain) -> list[st
     return command
 
 
+def curve_steps(project) -> list[int]:
+    """Steps of the train-loss rows the running pre-training has written so far."""
+    files = list(project.glob(".gptpipe/resume/pretrain/*/curves/plots/metrics/train/loss.tsv"))
+    rows = files[0].read_text().splitlines()[1:] if files else []
+    return [int(row.split("\t")[0]) for row in rows if row.split("\t")[0].isdigit()]
+
+
 def rerun_and_check_resumed(project, env, command) -> None:
     """The resumed run ends where an uninterrupted run of the same params ends: same weights, same val loss
-    (data position, optimizer and schedule all restored)."""
+    (data position, optimizer and schedule all restored). The uninterrupted run's curves go to
+    reports/curves/uninterrupted."""
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((project / "models/pretrained/metrics.json").read_text())
@@ -83,8 +104,8 @@ def rerun_and_check_resumed(project, env, command) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"]["checkpoint_uri"] = None  # the uninterrupted run must not find the mirrored checkpoint
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    done = subprocess.run([*command, "--out", "models/uninterrupted"], cwd=project, env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run([*command, "--out", "models/uninterrupted", "--curves", "reports/curves/uninterrupted"],
+                          cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     whole = json.loads((project / "models/uninterrupted/metrics.json").read_text())
     assert whole["resumed_from_step"] == 0
@@ -95,10 +116,21 @@ def rerun_and_check_resumed(project, env, command) -> None:
         torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_sigkill_mid_run_resumes_from_last_checkpoint(tokenized):
+def test_sigkill_mid_run_resumes_from_last_checkpoint_and_continues_its_curves(tokenized):
     project, env = tokenized
-    command = kill_after_first_checkpoint(project, env)
+
+    def past_a_checkpoint() -> bool:  # the killed run has logged steps that the resumed one trains again
+        last = max(curve_steps(project), default=0)
+        return bool(list(project.glob(".gptpipe/resume/pretrain/*/last.ckpt"))) and last > 20 and last % 20 != 0
+
+    command = kill_after_first_checkpoint(project, env, saved=past_a_checkpoint)
     rerun_and_check_resumed(project, env, command)
+    # One curve over the killed and the resumed run, step by step the uninterrupted run's.
+    resumed, whole = (read_curves(project / f"reports/curves/{name}") for name in ("pretrain", "uninterrupted"))
+    for name in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/perplexity"):
+        assert resumed[name]["step"].to_list() == whole[name]["step"].to_list(), name
+        assert resumed[name][:, -1].to_list() == pytest.approx(whole[name][:, -1].to_list(), rel=1e-3), name
+    assert resumed["train/loss"]["step"].to_list() == list(range(1, 101))
 
 
 def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized, bucket):
@@ -112,6 +144,10 @@ def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized,
     command = kill_after_first_checkpoint(project, env, saved=mirrored, checkpoint_uri=f"s3://{bucket}/checkpoints")
     shutil.rmtree(project / ".gptpipe")  # the other worker has no local state, only the store
     rerun_and_check_resumed(project, env, command)
+    # The curves logged before the checkpoint stayed with the stopped worker: these continue from its step.
+    resumed_from = json.loads((project / "models/pretrained/metrics.json").read_text())["resumed_from_step"]
+    steps = read_curves(project / "reports/curves/pretrain")["train/loss"]["step"].to_list()
+    assert steps == list(range(resumed_from + 1, 401))
 
 
 def test_continued_pretraining_keeps_the_foundation_tokenizer_and_never_reads_held_out_text(tmp_path):

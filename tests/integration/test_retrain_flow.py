@@ -44,15 +44,22 @@ def test_run_writes_outputs_lock_and_registry_version(first_run):
 def test_run_publishes_tables_plots_and_model_card_artifacts(first_run, prefect_api):
     import urllib.request
 
-    request = urllib.request.Request(f"{prefect_api}/artifacts/filter", method="POST", data=b"{}",
-                                     headers={"Content-Type": "application/json"})
+    project, _, _ = first_run
+    manifest = json.loads((project / "registry/bbc/versions/1.json").read_text())
+    lineage = json.loads((project / "registry/bbc" / manifest["blob"].split("/", 1)[1] / "lineage.json").read_text())
+    query = {"artifacts": {"flow_run_id": {"any_": [lineage["flow_run"]["id"]]}}}  # this run's
+    request = urllib.request.Request(f"{prefect_api}/artifacts/filter", method="POST",
+                                     data=json.dumps(query).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         artifacts = {artifact["key"]: artifact for artifact in json.loads(response.read())}
     assert {"test-metrics", "label-efficiency", "model-card", "registered-model"} <= set(artifacts)
-    for plot in ("confusion-matrix", "label-efficiency-curve", "text-lengths"):
+    for plot in ("confusion-matrix", "label-efficiency-curve", "text-lengths", "training-curves"):
         assert artifacts[plot]["type"] == "image"
         png = base64.b64decode(artifacts[plot]["data"].removeprefix("data:image/png;base64,"))
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # the loss and validation curves of the run's pre-training and fine-tuning, as evaluate drew them
+    curves = base64.b64decode(artifacts["training-curves"]["data"].removeprefix("data:image/png;base64,"))
+    assert curves == (project / "reports/training_curves.png").read_bytes()
 
 
 def test_lineage_points_at_commit_and_dvc_hashes(first_run):
@@ -69,10 +76,14 @@ def test_lineage_points_at_commit_and_dvc_hashes(first_run):
 def test_second_run_reruns_nothing_and_registers_nothing(first_run):
     project, env, _ = first_run
     lock_before = (project / "dvc.lock").read_text()
+    curve_before = (project / "reports/curves/pretrain/plots/metrics/train/loss.tsv").read_text()
     again = gptpipe("run", "--set", "pretrain.max_steps=8", cwd=project, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stages run: none (all up to date)" in again.stdout
     assert (project / "dvc.lock").read_text() == lock_before
+    # skipped stages keep their curves (8 steps of pre-training)
+    assert (project / "reports/curves/pretrain/plots/metrics/train/loss.tsv").read_text() == curve_before
+    assert len(curve_before.splitlines()) == 1 + 8
     assert sorted(p.name for p in (project / "registry/bbc/versions").iterdir()) == ["1.json"]
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, capture_output=True, text=True)
     # Only the stage that looks at the data files every run shows; no stage after it is out of date.
