@@ -109,12 +109,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     # which takes longer than Prefect's 20 s default on a small machine. Nothing here may call home.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.retrain import retrain  # Prefect's import is slow; keep it off the other verbs' path
-    from flows.stages import StageInputError
+    from flows.stages import StageInputError, require_shared_remote
 
-    hide_bad_input_tracebacks(StageInputError)
-    own_stop_signals()
     try:
+        if args.push:  # before the temporary Prefect server starts
+            require_shared_remote(Path.cwd(), "run --push")
+        from flows.retrain import retrain  # Prefect's import is slow; keep it off the other verbs' path
+
+        hide_bad_input_tracebacks(StageInputError)
+        own_stop_signals()
         result = retrain(params=params, push=args.push, isolate=args.isolate)
     except StageInputError as error:
         raise InputError(str(error)) from None

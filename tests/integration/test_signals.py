@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import BIN, TINY_PARAMS, make_project
+from tests.conftest import BIN, TINY_PARAMS, SilentStore, make_project, processes_in
 
 pytestmark = pytest.mark.integration
 LONG_PRETRAIN = ["--set", "pretrain.max_steps=100000", "--set", "pretrain.checkpoint_every_n_steps=20"]
@@ -40,14 +39,6 @@ LONG = {
 }
 
 
-def processes_in(project) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cwd"]):
-        if process.info["cwd"] and process.info["cwd"].startswith(str(project)):
-            found.append(process)
-    return found
-
-
 def start_and_wait_for_training(project, env) -> subprocess.Popen:
     process = subprocess.Popen([str(BIN / "gptpipe"), "run", *LONG_PRETRAIN], cwd=project, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -63,32 +54,6 @@ def project(tmp_path, prefect_api):
     path = make_project(tmp_path / "project", TINY_PARAMS)
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     return path, env
-
-
-class SilentStore:
-    """An S3 endpoint that accepts connections and never answers, as a store that hangs does; `contacted` is set
-    once a client has connected."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.contacted = threading.Event()
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            self.held.append(connection)
-            self.contacted.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        for connection in self.held:
-            connection.close()
 
 
 @pytest.fixture(scope="module")
