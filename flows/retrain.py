@@ -24,6 +24,7 @@ from components.params import PARAMS_FILE, Params, TeamParams, load_params
 from components.register import register
 from flows.params_file import write_params
 from flows.stages import (
+    PipelineStatus,
     StageInputError,
     pull_inputs,
     push_outputs,
@@ -41,10 +42,12 @@ TRAINING_STAGES = {"pretrain", "finetune"}
 
 
 @task(task_run_name="{stage}", retries=1, retry_condition_fn=retry_unless_bad_input)
-def run_stage(repo: Path, stage: str, team: TeamParams, pull: bool = False, single: bool = False) -> bool:
-    """Reproduce one stage; a retry after a crash resumes training from its last checkpoint."""
+def run_stage(repo: Path, stage: str, team: TeamParams, pull: bool = False, single: bool = False,
+              up_to_date: bool = False) -> bool:
+    """Reproduce one stage, unless the run's status check found it up to date; a retry after a crash resumes
+    training from its last checkpoint."""
     logger = get_run_logger()
-    ran = reproduce(repo, stage, logger.info, team, pull=pull, single=single)
+    ran = not up_to_date and reproduce(repo, stage, logger.info, team, pull=pull, single=single)
     logger.info(f"stage {stage}: {'ran' if ran else 'up to date, skipped'}")
     return ran
 
@@ -197,6 +200,7 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
         logger.info("params.yaml updated with this run's params")
     here = {"commit": head_commit(root), "worker": worker_record(checkout)}
     stages, watchers, unpushed = {}, set(), []
+    status = PipelineStatus(root)
     try:
         # Stages run in dvc.yaml order, each checked on its own inputs (the ones before it were just checked).
         for name, always_changed in stage_order(root):
@@ -214,7 +218,8 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
                 continue
             tags = {"training"} if name in TRAINING_STAGES else set()
             stage_task = run_stage.with_options(tags=tags)
-            stages[name] = {"ran": stage_task(root, name, run_params.team, pull=push, single=True), **here}
+            ran = stage_task(root, name, run_params.team, pull=push, single=True, up_to_date=status.up_to_date(name))
+            stages[name] = {"ran": ran, **here}
             unpushed += [name] if push else []
         if unpushed:
             push_stages(root, unpushed, run_params.team)

@@ -17,7 +17,7 @@ from dvc.repo import Repo
 from dvc.stage import PipelineStage
 
 from components.atomic import write_bytes_atomic
-from components.errors import ERROR_PREFIX
+from components.errors import ERROR_PREFIX, InputError
 from components.params import TeamParams
 
 PROGRESS_LOG_SECONDS = 15.0
@@ -46,6 +46,25 @@ def stage_order(repo: Path) -> list[tuple[str, bool]]:
         graph = dvc_repo.index.graph  # edge: stage -> a stage it depends on
         stages = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
         return [(stage.name, stage.always_changed) for stage in stages]
+
+
+class PipelineStatus:
+    """Which stages are up to date, from one `dvc status` of the whole pipeline in this process: a `dvc repro` per
+    stage would start DVC once per stage, most of a run with nothing to do. The answer holds until dvc.lock
+    changes (a stage that ran or was restored changes what follows it; `sources` rerunning to the same result
+    does not); from then on every stage goes through `dvc repro`."""
+
+    def __init__(self, repo: Path):
+        self.lock_file = repo / "dvc.lock"
+        with Repo(str(repo)) as dvc_repo:
+            self.stale = set(dvc_repo.status())
+        self.lock = self._read_lock()
+
+    def up_to_date(self, stage: str) -> bool:
+        return stage not in self.stale and self._read_lock() == self.lock
+
+    def _read_lock(self) -> bytes | None:
+        return self.lock_file.read_bytes() if self.lock_file.exists() else None
 
 
 def project_env() -> dict[str, str]:
@@ -143,7 +162,7 @@ def require_shared_remote(checkout: Path, what: str) -> None:
     """Stop a run that shares its stages through the DVC remote before anything runs, when other machines would
     find nothing there (DVC would only say "missing cache" on the second machine)."""
     if problem := shared_remote_problem(checkout):
-        raise StageInputError(f"{what}: {problem}; do step 1 of the README's team set-up (`dvc remote add -d team "
+        raise InputError(f"{what}: {problem}; do step 1 of the README's team set-up (`dvc remote add -d team "
                               "s3://BUCKET/dvc`, commit and push .dvc/config), or run without push")
 
 

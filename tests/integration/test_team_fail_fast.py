@@ -22,8 +22,9 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterNam
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled
 
+from components.errors import InputError
 from components.params import Params, TeamParams
-from flows.stages import StageInputError, pull_inputs, push_outputs, reproduce, shared_remote_problem
+from flows.stages import pull_inputs, push_outputs, reproduce, shared_remote_problem
 from tests.conftest import BIN, TINY_PARAMS, SilentStore, gptpipe, make_project, processes_in
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,7 @@ def test_team_deployment_run_without_shared_remote_fails_before_any_stage(tmp_pa
 
     project = make_project(tmp_path / "project", TINY_PARAMS)
     started = time.monotonic()
-    with temporary_settings({PREFECT_API_URL: prefect_api}), pytest.raises(StageInputError, match=SET_UP_STEP):
+    with temporary_settings({PREFECT_API_URL: prefect_api}), pytest.raises(InputError, match=SET_UP_STEP):
         retrain(params=Params.model_validate(TINY_PARAMS), repo=str(project), push=True,
                 training_deployment="stage/gpu", isolate=True)
     assert time.monotonic() - started < 30
