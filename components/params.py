@@ -206,6 +206,20 @@ class RegistryParams(Section):
         0.05, ge=0, le=1, description="... and no class's test F1 fell by more than this.")
 
 
+class TeamParams(Section):
+    """Runs shared between machines through the DVC remote and other work pools (README: team set-up)."""
+    remote_timeout_s: float = Field(
+        300, gt=0, description="Seconds a DVC command may spend talking to the DVC remote (a push, a pull, the "
+        "fetching before `dvc repro --pull` restores or runs a stage) before it is stopped and its task fails (a "
+        "retried transfer moves only what is missing); a stage's own command has no limit.")
+    s3_max_attempts: int = Field(
+        2, ge=1, le=20, description="Attempts per S3 request of a DVC command (AWS_MAX_ATTEMPTS, standard retry "
+        "mode): botocore's defaults keep retrying a dead store for minutes.")
+    worker_timeout_s: float = Field(
+        600, gt=0, description="Seconds a stage handed to another work pool (a team deployment's "
+        "`training_deployment`) waits while that pool has no worker online; then the run fails, naming the pool.")
+
+
 class FoundationCorpus(Section):
     paths: list[str] = Field(
         default_factory=list, description="Broad unlabeled text: Parquet, CSV, JSONL or .txt files, folders, globs, "
@@ -237,6 +251,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    team: TeamParams = TeamParams()
     foundation: FoundationParams = FoundationParams()
 
     @model_validator(mode="after")

@@ -50,7 +50,7 @@ def report_crash(signal_name: str) -> None:
     """Mark the flow run this process is in Crashed, as Prefect's own SIGTERM handler would, so the UI does not
     show it running on. Best effort, at most REPORT_SECONDS: the API may be gone (a temporary server gets the
     signal too when it is sent to the run's process group) or the interrupted code may hold a lock the client
-    needs. The run's own client: a new one could start another temporary server."""
+    needs. It uses the run's own client, already connected."""
     from prefect.context import FlowRunContext
     from prefect.states import Crashed
 
@@ -105,15 +105,24 @@ def own_stop_signals() -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     params = load_params(PARAMS_FILE, args.set)  # validate before any server or stage starts
-    # Without PREFECT_API_URL Prefect starts a temporary server; its first start migrates a new database,
-    # which takes longer than Prefect's 20 s default on a small machine. Nothing here may call home.
+    if args.push:
+        from flows.stages import require_shared_remote
+
+        require_shared_remote(Path.cwd(), "run --push")
+    # Without PREFECT_API_URL a temporary server serves the run; its first start migrates a new database, which
+    # takes longer than Prefect's 20 s default on a small machine. Nothing here may call home.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.retrain import retrain  # Prefect's import is slow; keep it off the other verbs' path
+    from flows.temporary_server import TemporaryServer
+
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer()
+    from flows.retrain import retrain  # Prefect's import is slow: the server starts meanwhile
     from flows.stages import StageInputError
 
     hide_bad_input_tracebacks(StageInputError)
     own_stop_signals()
+    if server:
+        server.wait_until_up(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     try:
         result = retrain(params=params, push=args.push, isolate=args.isolate)
     except StageInputError as error:

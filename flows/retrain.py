@@ -20,19 +20,21 @@ from prefect.states import Cancelling
 
 from components import layout
 from components.atomic import write_bytes_atomic
-from components.params import PARAMS_FILE, Params, load_params
+from components.params import PARAMS_FILE, Params, TeamParams, load_params
 from components.register import register
 from flows.params_file import write_params
 from flows.stages import (
+    PipelineStatus,
     StageInputError,
-    has_remote,
     pull_inputs,
     push_outputs,
     reproduce,
+    require_shared_remote,
     restore_workspace,
     retry_unless_bad_input,
     stage_order,
 )
+from flows.team import wait_for_handed_run
 from flows.workspace import close_workspace, enter_workspace, head_commit
 
 # Tagged so that a tag concurrency limit (`prefect concurrency-limit create training 1`) queues them per machine.
@@ -40,23 +42,25 @@ TRAINING_STAGES = {"pretrain", "finetune"}
 
 
 @task(task_run_name="{stage}", retries=1, retry_condition_fn=retry_unless_bad_input)
-def run_stage(repo: Path, stage: str, pull: bool = False, single: bool = False) -> bool:
-    """Reproduce one stage; a retry after a crash resumes training from its last checkpoint."""
+def run_stage(repo: Path, stage: str, team: TeamParams, pull: bool = False, single: bool = False,
+              up_to_date: bool = False) -> bool:
+    """Reproduce one stage, unless the run's status check found it up to date; a retry after a crash resumes
+    training from its last checkpoint."""
     logger = get_run_logger()
-    ran = reproduce(repo, stage, logger.info, pull=pull, single=single)
+    ran = not up_to_date and reproduce(repo, stage, logger.info, team, pull=pull, single=single)
     logger.info(f"stage {stage}: {'ran' if ran else 'up to date, skipped'}")
     return ran
 
 
 @task(task_run_name="pull-inputs-{stage}", retries=2, retry_delay_seconds=10)
-def pull_stage_inputs(repo: Path, stage: str) -> None:
-    pull_inputs(repo, stage, get_run_logger().info)
+def pull_stage_inputs(repo: Path, stage: str, team: TeamParams) -> None:
+    pull_inputs(repo, stage, get_run_logger().info, team)
 
 
 @task(task_run_name="push-{stages}", retries=2, retry_delay_seconds=10)
-def push_stages(repo: Path, stages: list[str]) -> None:
+def push_stages(repo: Path, stages: list[str], team: TeamParams) -> None:
     """Send the stages' outputs to the DVC remote, so another worker pulls instead of recomputing them."""
-    push_outputs(repo, stages, get_run_logger().info)
+    push_outputs(repo, stages, get_run_logger().info, team)
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -129,16 +133,18 @@ def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHEC
     outputs and run record back, so the run restores them instead of recomputing them; the worktree goes once
     pushed. Without, it works in the run's worktree, which only a worker on the same machine shares."""
     checkout = Path(repo).resolve()
+    if push:
+        require_shared_remote(checkout, f"stage {stage} on {socket.gethostname()}")
     from_remote = push and lock is not None
     key = f"{workspace or flow_run.id}-{stage}" if from_remote else workspace
     root, run_params = enter_workspace(checkout, key, params, commit)
     write_params(root / PARAMS_FILE, run_params)
     if from_remote:
         write_bytes_atomic(root / "dvc.lock", lock.encode())
-        pull_stage_inputs(root, stage)
-    ran = run_stage(root, stage, pull=push, single=from_remote)
+        pull_stage_inputs(root, stage, run_params.team)
+    ran = run_stage(root, stage, run_params.team, pull=push, single=from_remote)
     if push:
-        push_stages(root, [stage])
+        push_stages(root, [stage], run_params.team)
     done = {"ran": ran, "commit": head_commit(root), "worker": worker_record(checkout)}
     if key != workspace:
         close_workspace(checkout, root)
@@ -147,13 +153,14 @@ def stage(stage: str, repo: str = ".", push: bool = False, params: Params = CHEC
 
 def run_training_stage(deployment: str, name: str, root: Path, push: bool, params: Params,
                        workspace: str | None) -> dict:
-    """Run a training stage as a subflow on another work pool, on this run's commit, params and dvc.lock.
-    Cancelling this run cancels the subflow (Prefect's cancellation cleanup), whose worker then stops the
-    training process group."""
+    """Run a training stage as a subflow on another work pool, on this run's commit, params and dvc.lock; fail
+    when that pool has no worker online for `team.worker_timeout_s`. Cancelling this run cancels the subflow
+    (Prefect's cancellation cleanup), whose worker then stops the training process group."""
     lock = root / "dvc.lock"
-    child = run_deployment(deployment, poll_interval=2, parameters={
+    child = run_deployment(deployment, timeout=0, parameters={
         "stage": name, "push": push, "params": params.model_dump(mode="json"), "workspace": workspace,
         "commit": head_commit(root), "lock": lock.read_text() if push and lock.exists() else None})
+    child = wait_for_handed_run(child, f"stage {name} on {deployment}", params.team.worker_timeout_s)
     if not child.state or not child.state.is_completed():
         raise RuntimeError(f"stage {name} on {deployment} ended {child.state.type if child.state else 'unknown'}")
     return child.state.result()
@@ -185,19 +192,19 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
         params = params.model_copy(deep=True)
         params.data.labeled.path = data_path
     checkout = Path(repo).resolve()
+    if push:
+        require_shared_remote(checkout, "push")
     logger = get_run_logger()
     workspace = str(flow_run.id) if isolate else None
     root, run_params = enter_workspace(checkout, workspace, params)
     if workspace:
         logger.info(f"working in {root}")
-    if push and not has_remote(root):
-        raise StageInputError("push: no default DVC remote in .dvc/config; add one with `dvc remote add -d "
-                              "storage s3://BUCKET/dvc` and commit it (README: team set-up), or run without push")
     params_before = (root / PARAMS_FILE).read_bytes() if (root / PARAMS_FILE).exists() else None
     if write_params(root / PARAMS_FILE, run_params):
         logger.info("params.yaml updated with this run's params")
     here = {"commit": head_commit(root), "worker": worker_record(checkout)}
     stages, watchers, unpushed = {}, set(), []
+    status = PipelineStatus(root)
     try:
         # Stages run in dvc.yaml order, each checked on its own inputs (the ones before it were just checked).
         for name, always_changed in stage_order(root):
@@ -205,19 +212,21 @@ def retrain(params: Params = CHECKOUT_PARAMS, repo: str = ".", push: bool = Fals
                 watchers.add(name)
             if training_deployment and name in TRAINING_STAGES:
                 if unpushed:  # what the other worker pulls
-                    push_stages(root, unpushed)
+                    push_stages(root, unpushed, run_params.team)
                     unpushed = []
                 stages[name] = run_training_stage(training_deployment, name, root, push, run_params, workspace)
                 restore = run_stage.with_options(task_run_name=f"restore-{name}")
-                if push and restore(root, name, pull=True, single=True):
+                if push and restore(root, name, run_params.team, pull=True, single=True):
                     logger.warning(f"stage {name} ran here again: the DVC remote had no run of it with this "
                                    "run's inputs; do the workers run the same code and params?")
                 continue
             tags = {"training"} if name in TRAINING_STAGES else set()
-            stages[name] = {"ran": run_stage.with_options(tags=tags)(root, name, pull=push, single=True), **here}
+            stage_task = run_stage.with_options(tags=tags)
+            ran = stage_task(root, name, run_params.team, pull=push, single=True, up_to_date=status.up_to_date(name))
+            stages[name] = {"ran": ran, **here}
             unpushed += [name] if push else []
         if unpushed:
-            push_stages(root, unpushed)
+            push_stages(root, unpushed, run_params.team)
     except StageInputError:
         # Bad input changes nothing: the last good params and outputs come back (DVC removed the failed
         # stage's outputs before running it; dvc.lock still names them, and the cache has them).

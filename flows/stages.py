@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,10 @@ from dvc.repo import Repo
 from dvc.stage import PipelineStage
 
 from components.atomic import write_bytes_atomic
-from components.errors import ERROR_PREFIX
+from components.errors import ERROR_PREFIX, InputError
+from components.params import TeamParams
 
 PROGRESS_LOG_SECONDS = 15.0
-TRANSFER_TIMEOUT_SECONDS = 300.0
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -47,6 +48,25 @@ def stage_order(repo: Path) -> list[tuple[str, bool]]:
         return [(stage.name, stage.always_changed) for stage in stages]
 
 
+class PipelineStatus:
+    """Which stages are up to date, from one `dvc status` of the whole pipeline in this process: a `dvc repro` per
+    stage would start DVC once per stage, most of a run with nothing to do. The answer holds until dvc.lock
+    changes (a stage that ran or was restored changes what follows it; `sources` rerunning to the same result
+    does not); from then on every stage goes through `dvc repro`."""
+
+    def __init__(self, repo: Path):
+        self.lock_file = repo / "dvc.lock"
+        with Repo(str(repo)) as dvc_repo:
+            self.stale = set(dvc_repo.status())
+        self.lock = self._read_lock()
+
+    def up_to_date(self, stage: str) -> bool:
+        return stage not in self.stale and self._read_lock() == self.lock
+
+    def _read_lock(self) -> bytes | None:
+        return self.lock_file.read_bytes() if self.lock_file.exists() else None
+
+
 def project_env() -> dict[str, str]:
     """The running interpreter's bin folder first on PATH, so `dvc` and the stages' `python` are the project's."""
     bin_dir = str(Path(sys.executable).parent)
@@ -61,41 +81,89 @@ def upstream_stages(repo: Path, stage: str) -> list[str]:
         return sorted(s.name for s in graph.successors(node) if isinstance(s, PipelineStage))
 
 
-def dvc_transfer(repo: Path, args: list[str], log: Callable[[str], None],
-                 timeout: float = TRANSFER_TIMEOUT_SECONDS) -> None:
-    """`dvc push|pull ...` with a hard timeout and few S3 retries: DVC's defaults hang for minutes on a dead store,
-    while failing fast lets the task's retry resume once the store is back (a retried transfer moves only what is
-    missing)."""
-    env = {**project_env(), "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS", "2")}
-    command = " ".join(["dvc", *args])
-    try:
-        done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{command} did not finish within {timeout:.0f}s; is the DVC remote reachable?") from None
-    for line in (done.stdout + done.stderr).splitlines():
-        if line.strip():
-            log(line)
-    if done.returncode != 0:
-        raise RuntimeError(f"{command} failed with exit status {done.returncode}; see the log above")
+def remote_env(team: TeamParams) -> dict[str, str]:
+    """The environment of a DVC command that talks to the remote: few S3 attempts, so that a dead store fails
+    the command (and the task's retry resumes it) rather than botocore retrying for minutes."""
+    return {**project_env(), "AWS_MAX_ATTEMPTS": str(team.s3_max_attempts), "AWS_RETRY_MODE": "standard"}
 
 
-def push_outputs(repo: Path, stages: list[str], log: Callable[[str], None],
-                 timeout: float = TRANSFER_TIMEOUT_SECONDS) -> None:
+class RemoteTimeLimit:
+    """Stops a guarded DVC command whose talk to the remote outlasts `seconds`. The clock runs while DVC itself
+    works (pushing, pulling, checking a stage) and stands still while a stage's own command runs, which may train
+    for hours: DVC's line announcing the command stops it, its line recording the result in dvc.lock restarts it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._group = 0
+        self._timer: threading.Timer | None = None
+
+    def start(self, group: int) -> None:
+        self._group = group
+        self._restart()
+
+    def stop(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+    def watch(self, line: str) -> None:
+        if line.startswith("Running stage '"):
+            self.stop()
+        elif line.startswith(("Updating lock file", "Generating lock file")):
+            self._restart()
+
+    def _restart(self) -> None:
+        self.stop()
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._group, signal.SIGTERM)  # the guard stops the rest of its group
+
+
+def run_dvc_remote_command(repo: Path, args: list[str], log: Callable[[str], None], team: TeamParams,
+                           on_line: Callable[[str], None] = lambda line: None) -> None:
+    """A DVC command that talks to the remote (`push`, `pull`, `repro --pull`): under the guard, with few S3
+    attempts and `team.remote_timeout_s` on its talk to the remote. Failing fast lets the task's retry resume
+    once the store is back (a retried transfer moves only what is missing)."""
+    run_guarded(["dvc", *args], repo, log, on_line, env=remote_env(team),
+                time_limit=RemoteTimeLimit(team.remote_timeout_s))
+
+
+def push_outputs(repo: Path, stages: list[str], log: Callable[[str], None], team: TeamParams) -> None:
     """Send the stages' outputs and run records to the DVC remote: another worker's `dvc repro --pull` then
     restores a stage (same inputs, same code) instead of running it."""
-    dvc_transfer(repo, ["push", "--run-cache", *stages], log, timeout)
+    run_dvc_remote_command(repo, ["push", "--run-cache", *stages], log, team)
 
 
-def pull_inputs(repo: Path, stage: str, log: Callable[[str], None]) -> None:
+def pull_inputs(repo: Path, stage: str, log: Callable[[str], None], team: TeamParams) -> None:
     """Fetch from the DVC remote the outputs of the stages `stage` reads, as dvc.lock records them."""
     if upstream := upstream_stages(repo, stage):
-        dvc_transfer(repo, ["pull", *upstream], log)
+        run_dvc_remote_command(repo, ["pull", *upstream], log, team)
 
 
-def has_remote(repo: Path) -> bool:
-    with Repo(str(repo)) as dvc_repo:
-        return bool(dvc_repo.config["core"].get("remote"))
+def shared_remote_problem(checkout: Path) -> str | None:
+    """Why the checkout's default DVC remote cannot carry a run's outputs to other machines and clones (there is
+    none, or it is a folder inside the checkout, like the `local` remote .dvc/config ships with), or None."""
+    with Repo(str(checkout)) as dvc_repo:
+        name = dvc_repo.config["core"].get("remote")
+        url = dvc_repo.config["remote"].get(name, {}).get("url") if name else None
+    if not url:
+        return "no default DVC remote"
+    if "://" not in url and Path(url).resolve().is_relative_to(checkout.resolve()):
+        return f"the default DVC remote `{name}` is {url}, inside this checkout, where no other machine or clone looks"
+    return None
+
+
+def require_shared_remote(checkout: Path, what: str) -> None:
+    """Stop a run that shares its stages through the DVC remote before anything runs, when other machines would
+    find nothing there (DVC would only say "missing cache" on the second machine)."""
+    if problem := shared_remote_problem(checkout):
+        raise InputError(f"{what}: {problem}; do step 1 of the README's team set-up (`dvc remote add -d team "
+                              "s3://BUCKET/dvc`, commit and push .dvc/config), or run without push")
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
@@ -113,12 +181,15 @@ def stop_process_group(process: subprocess.Popen) -> None:
 
 
 def run_guarded(command: list[str], repo: Path, log: Callable[[str], None],
-                on_line: Callable[[str], None] = lambda line: None) -> None:
+                on_line: Callable[[str], None] = lambda line: None, env: dict[str, str] | None = None,
+                time_limit: RemoteTimeLimit | None = None) -> None:
     """Run `command` under flows.guard (if this process dies by any signal, the command and all it started die
     with it), streaming its output to `log`. Progress bars redraw with carriage returns: those lines are logged
     at most every few seconds. A failure with the components' error line is bad input (StageInputError)."""
     process = subprocess.Popen([sys.executable, "-m", "flows.guard", *command], cwd=repo, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True, env=project_env())
+                               stderr=subprocess.STDOUT, start_new_session=True, env=env or project_env())
+    if time_limit:
+        time_limit.start(process.pid)
     error_line, last_progress, pending = None, 0.0, b""
     try:
         for chunk in iter(lambda: process.stdout.read1(65536), b""):
@@ -133,31 +204,42 @@ def run_guarded(command: list[str], repo: Path, log: Callable[[str], None],
                         continue
                     last_progress = time.monotonic()
                 on_line(line)
+                if time_limit:
+                    time_limit.watch(line)
                 error_line = line if line.startswith(ERROR_PREFIX) else error_line
                 log(line)
         code = process.wait()
     finally:
+        if time_limit:
+            time_limit.stop()
         # A cancelled or failed task must not leave training running (holding a GPU): stop its process group.
         if process.poll() is None:
             stop_process_group(process)
     if code != 0:
+        if time_limit and time_limit.expired:
+            raise RuntimeError(f"{' '.join(command)}: no answer from the DVC remote within {time_limit.seconds:g} s "
+                               "(team.remote_timeout_s); check that the remote is reachable")
         if error_line:
             raise StageInputError(error_line.removeprefix(ERROR_PREFIX).strip())
-        raise RuntimeError(f"{' '.join(command[:3])} failed with exit status {code}; see the log above")
+        raise RuntimeError(f"{' '.join(command)} failed with exit status {code}; see the log above")
 
 
-def reproduce(repo: Path, stage: str, log: Callable[[str], None], pull: bool = False, single: bool = False) -> bool:
-    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first; with
-    `single`, checking that stage alone, its inputs being in place already), streaming its output to `log`;
-    returns whether the stage's command ran (not when DVC restored it from a cached run)."""
+def reproduce(repo: Path, stage: str, log: Callable[[str], None], team: TeamParams, pull: bool = False,
+              single: bool = False) -> bool:
+    """`dvc repro STAGE` (with `pull`, fetching missing inputs and cached runs from the DVC remote first, within
+    `team`'s limits; with `single`, checking that stage alone, its inputs being in place already), streaming its
+    output to `log`; returns whether the stage's command ran (not when DVC restored it from a cached run)."""
     ran = []
 
     def note(line: str) -> None:
         if line.startswith(f"Running stage '{stage}'"):
             ran.append(stage)
 
-    run_guarded(["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage],
-                repo, log, note)
+    args = ["repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage]
+    if pull:
+        run_dvc_remote_command(repo, args, log, team, note)
+    else:
+        run_guarded(["dvc", *args], repo, log, note)
     return bool(ran)
 
 

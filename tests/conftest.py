@@ -159,6 +159,17 @@ def gptpipe(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
                           env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})
 
 
+def processes_in(project: Path) -> list:
+    """The processes working in `project` (their current folder is in it)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cwd"]):
+        if process.info["cwd"] and process.info["cwd"].startswith(str(project)):
+            found.append(process)
+    return found
+
+
 @pytest.fixture
 def tokenized(tmp_path):
     """A real tokenized corpus from the tiny support tickets."""
@@ -254,3 +265,29 @@ class CuttableProxy:
         self.refused.clear()
         self.answers_to_lose.clear()
         self.cut.clear()
+
+
+class SilentStore:
+    """An S3 endpoint that accepts connections and never answers, as a store that hangs does; `contacted` is set
+    once a client has connected."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.contacted = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+            self.contacted.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()

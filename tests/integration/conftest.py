@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, make_project
-from tests.integration.signals import REGISTRY, SilentStore
+from tests.conftest import BIN, TINY_PARAMS, SilentStore, make_project
+from tests.integration.signals import REGISTRY
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import BIN
+from tests.conftest import BIN, processes_in
 
 LONG_PRETRAIN = ["--set", "pretrain.max_steps=100000", "--set", "pretrain.checkpoint_every_n_steps=20"]
 STOP_SECONDS = 10  # the README's promise: SIGTERM ends `gptpipe run` within seconds
@@ -36,14 +35,6 @@ LONG = {
 }
 
 
-def processes_in(project) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cwd"]):
-        if process.info["cwd"] and process.info["cwd"].startswith(str(project)):
-            found.append(process)
-    return found
-
-
 def start_and_wait_for_training(project, env) -> subprocess.Popen:
     process = subprocess.Popen([str(BIN / "gptpipe"), "run", *LONG_PRETRAIN], cwd=project, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -52,32 +43,6 @@ def start_and_wait_for_training(project, env) -> subprocess.Popen:
         assert process.poll() is None and time.monotonic() < deadline, "pre-training did not start"
         time.sleep(0.5)
     return process
-
-
-class SilentStore:
-    """An S3 endpoint that accepts connections and never answers, as a store that hangs does; `contacted` is set
-    once a client has connected."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.contacted = threading.Event()
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            self.held.append(connection)
-            self.contacted.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        for connection in self.held:
-            connection.close()
 
 
 def merged(base: dict, override: dict) -> dict:

@@ -8,6 +8,7 @@ import time
 import boto3
 import pytest
 
+from components.params import TeamParams
 from flows.stages import push_outputs
 from tests.conftest import BIN, TINY_PARAMS, CuttableProxy, gptpipe, make_project
 
@@ -64,10 +65,10 @@ def test_push_cut_off_fails_fast_and_a_retry_completes(project_with_s3_remote, s
     try:
         started = time.monotonic()
         with pytest.raises(RuntimeError, match="dvc push --run-cache tokenize"):
-            push_outputs(project, ["tokenize"], print, timeout=90)
+            push_outputs(project, ["tokenize"], print, TeamParams(remote_timeout_s=90))
         assert time.monotonic() - started < 90
         proxy.restore()
-        push_outputs(project, ["tokenize"], print, timeout=90)
+        push_outputs(project, ["tokenize"], print, TeamParams(remote_timeout_s=90))
     finally:
         os.environ["AWS_ENDPOINT_URL"] = s3_server
     assert "in sync" in dvc("status", "--cloud", "tokenize", cwd=project).stdout

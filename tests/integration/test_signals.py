@@ -15,13 +15,12 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, make_project
+from tests.conftest import BIN, TINY_PARAMS, make_project, processes_in
 from tests.integration.signals import (
     LONG,
     STOP_SECONDS,
     Run,
     lingering,
-    processes_in,
     sigterm_the_run_group,
     start_and_wait_for_training,
     write_params,
