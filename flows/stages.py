@@ -56,8 +56,8 @@ class PipelineStatus:
 
     def __init__(self, repo: Path):
         self.lock_file = repo / "dvc.lock"
-        with Repo(str(repo)) as dvc_repo:
-            self.stale = set(dvc_repo.status())
+        with Repo(str(repo)) as dvc_repo:  # keyed by address, `path/to/dvc.yaml:name` from another folder
+            self.stale = {address.rsplit(":", 1)[-1] for address in dvc_repo.status()}
         self.lock = self._read_lock()
 
     def up_to_date(self, stage: str) -> bool:

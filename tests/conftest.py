@@ -147,6 +147,8 @@ def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> 
     # Every key written out: DVC requires each param a stage lists to be present in params.yaml.
     (target / "params.yaml").write_text(to_yaml(Params.model_validate(params)))
     pl.DataFrame(rows or support_tickets()).write_csv(target / "labeled.csv")
+    # As the Makefile's install step names it: DVC's site cache by its absolute path (queued experiments need it).
+    (target / ".dvc/config.local").write_text(f"[core]\n    site_cache_dir = {target / '.dvc/site'}\n")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):

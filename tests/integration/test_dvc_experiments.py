@@ -42,7 +42,6 @@ def project(tmp_path_factory):
     params["finetune"]["epochs"] = 2
     params["evaluate"]["label_budgets"] = []
     path = make_project(tmp_path_factory.mktemp("experiments") / "project", params)
-    dvc(path, "config", "--local", "core.site_cache_dir", str(path / ".dvc/site"))  # as `make` sets it in a clone
     dvc(path, "repro")
     return path
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from components.promotion import split_digest
+from flows.stages import PipelineStatus
 from tests.conftest import BIN, TINY_PARAMS, gptpipe, make_project, support_tickets
 
 pytestmark = pytest.mark.integration
@@ -71,6 +72,17 @@ def test_lineage_points_at_commit_and_dvc_hashes(first_run):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lineage["dvc_lock"]["pretrain"]["models/pretrained"] == lock["stages"]["pretrain"]["outs"][0]["md5"]
     assert lineage["flow_run"]["id"]
+
+
+def test_status_check_names_stale_stages_from_any_folder(tokenized):
+    """Checked from another folder (as a run in its own worktree is), by stage name; void once dvc.lock changes."""
+    project, _ = tokenized
+    status = PipelineStatus(project)
+    assert [status.up_to_date(stage) for stage in ("sources", "ingest", "tokenize", "pretrain")] == \
+        [False, True, True, False]  # `sources` looks at the data every run; pre-training never ran
+    with (project / "dvc.lock").open("a") as lock:
+        lock.write("\n")
+    assert not status.up_to_date("ingest")
 
 
 def test_second_run_reruns_nothing_and_registers_nothing(first_run):
