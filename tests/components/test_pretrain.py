@@ -65,11 +65,14 @@ def test_checkpoint_folder_describes_itself_and_curves_hold_a_row_per_step(token
     assert summary["step"] == steps and summary["train"]["loss"] == metrics["train_loss"]
 
 
+KILLED_RUN_STEPS = 100
+
+
 def kill_after_first_checkpoint(project, env, saved=None, **pretrain) -> list[str]:
     """Start pre-training, SIGKILL it once `saved()` says a checkpoint is kept (default: on local disk);
     returns the command to rerun."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["pretrain"].update(max_steps=100, checkpoint_every_n_steps=20, val_every_n_steps=50, **pretrain)
+    params["pretrain"].update(max_steps=KILLED_RUN_STEPS, checkpoint_every_n_steps=20, val_every_n_steps=50, **pretrain)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "components.pretrain"]
     process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -100,7 +103,7 @@ def rerun_and_check_resumed(project, env, command) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((project / "models/pretrained/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
-    assert metrics["steps"] == 100
+    assert metrics["steps"] == KILLED_RUN_STEPS
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"]["checkpoint_uri"] = None  # the uninterrupted run must not find the mirrored checkpoint
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -130,7 +133,7 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint_and_continues_its_curves(t
     for name in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/perplexity"):
         assert resumed[name]["step"].to_list() == whole[name]["step"].to_list(), name
         assert resumed[name][:, -1].to_list() == pytest.approx(whole[name][:, -1].to_list(), rel=1e-3), name
-    assert resumed["train/loss"]["step"].to_list() == list(range(1, 101))
+    assert resumed["train/loss"]["step"].to_list() == list(range(1, KILLED_RUN_STEPS + 1))
 
 
 def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized, bucket):
@@ -147,7 +150,7 @@ def test_retry_on_another_worker_resumes_from_the_mirrored_checkpoint(tokenized,
     # The curves logged before the checkpoint stayed with the stopped worker: these continue from its step.
     resumed_from = json.loads((project / "models/pretrained/metrics.json").read_text())["resumed_from_step"]
     steps = read_curves(project / "reports/curves/pretrain")["train/loss"]["step"].to_list()
-    assert steps == list(range(resumed_from + 1, 401))
+    assert steps == list(range(resumed_from + 1, KILLED_RUN_STEPS + 1))
 
 
 def test_continued_pretraining_keeps_the_foundation_tokenizer_and_never_reads_held_out_text(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
+from components.model import GPTConfig
 from tests.conftest import ROOT, support_tickets
 
 pytestmark = pytest.mark.integration
@@ -38,4 +39,4 @@ def test_fresh_clone_continues_the_shipped_foundation_offline(tmp_path):
     assert (clone / "data/tokens/tokenizer.json").read_bytes() == (shipped / "tokenizer.json").read_bytes()
     classifier = json.loads((clone / "models/classifier/classifier.json").read_text())
     assert classifier["labels"] == ["auth", "billing", "bug"]
-    assert classifier["gpt"] == json.loads((shipped / "config.json").read_text())
+    assert GPTConfig(**classifier["gpt"]) == GPTConfig(**json.loads((shipped / "config.json").read_text()))
