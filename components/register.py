@@ -18,6 +18,8 @@ from components.params import Params, to_yaml
 from components.promotion import promote, split_digest
 from components.registry import LATEST, Registry
 
+UNCHANGED = "unchanged, already registered"
+
 
 def git_state(repo: Path) -> dict:
     def git(*args: str) -> str:
@@ -51,14 +53,18 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def newest_holding(registry: Registry, name: str, digest: str) -> dict | None:
+    """The manifest of the newest version of `name` when it holds content with this digest."""
+    newest = registry.aliases(name).get(LATEST)
+    manifest = registry.manifest(name, newest) if newest else None
+    return manifest if manifest and manifest.get("content_sha256") == digest else None
+
+
 def register_once(registry: Registry, name: str, digest: str, staged: Callable[[Path], dict]) -> tuple[dict, bool]:
     """Register what `staged` writes into a folder (returning the version's metadata), unless the newest
     version already holds content with this digest (a rerun with nothing changed). Returns (manifest, new)."""
-    newest = registry.aliases(name).get(LATEST)
-    if newest:
-        manifest = registry.manifest(name, newest)
-        if manifest.get("content_sha256") == digest:
-            return manifest, False
+    if manifest := newest_holding(registry, name, digest):
+        return manifest, False
     with tempfile.TemporaryDirectory(prefix="gptpipe-register-") as tmp:
         metadata = staged(Path(tmp))
         return registry.register(name, Path(tmp), {**metadata, "content_sha256": digest}), True
@@ -85,6 +91,18 @@ def register_foundation(params: Params, repo: Path) -> dict:
     manifest = register_checkpoint(params.registry.uri, params.registry.foundation_name, pretrained)
     return {"name": manifest["name"], "version": manifest["version"], "registry": params.registry.uri,
             "continued_from": manifest.get("continued_from")}
+
+
+def registered_unchanged(params: Params, repo: Path) -> dict | None:
+    """The newest registered version, when it holds this workspace's classifier and its promotion decision is
+    recorded: registering again would change nothing."""
+    registry, name = Registry(params.registry.uri), params.registry.model_name
+    classifier = repo / layout.CLASSIFIER
+    manifest = newest_holding(registry, name, folder_digest(classifier)) if classifier.is_dir() else None
+    if not manifest or not registry.decision(name, manifest["version"]):
+        return None
+    return {"name": name, "version": manifest["version"], "uri": params.registry.uri, "alias": LATEST,
+            "reason": UNCHANGED}
 
 
 def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
@@ -115,6 +133,6 @@ def register(params: Params, repo: Path, flow_run: dict | None = None) -> dict:
     result = {"name": name, "version": manifest["version"], "uri": params.registry.uri, "registered": new,
               "foundation": foundation, "test_split": split, **summary}
     if not new and registry.decision(name, manifest["version"]):
-        return {**result, "alias": LATEST, "reason": "unchanged, already registered", "comparison": None}
+        return {**result, "alias": LATEST, "reason": UNCHANGED, "comparison": None}
     decision = promote(registry, manifest, repo / layout.CLASSIFIER, test_rows, params)
     return {**result, "alias": decision["alias"], "reason": decision["reason"], "comparison": decision["comparison"]}

@@ -113,23 +113,34 @@ def cmd_run(args: argparse.Namespace) -> None:
     # takes longer than Prefect's 20 s default on a small machine. Nothing here may call home.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.temporary_server import TemporaryServer
-
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer()
-    from flows.retrain import retrain  # Prefect's import is slow: the server starts meanwhile
     from flows.stages import StageInputError
 
-    hide_bad_input_tracebacks(StageInputError)
-    own_stop_signals()
-    if server:
-        server.wait_until_up(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    local = not (os.environ.get("PREFECT_API_URL") or args.push or args.isolate)
     try:
+        if local:  # a team's runs are always recorded in its Prefect server
+            from flows.up_to_date import registered_without_changes
+
+            if registered := registered_without_changes(Path.cwd(), params):
+                print("nothing changed since the last run: no flow run started")
+                print_summary([], json.loads(layout.METRICS.read_text()), registered)
+                return
+        from flows.temporary_server import TemporaryServer
+
+        server = TemporaryServer() if not os.environ.get("PREFECT_API_URL") else None
+        from flows.retrain import retrain  # Prefect's import is slow: the server starts meanwhile
+
+        hide_bad_input_tracebacks(StageInputError)
+        own_stop_signals()
+        if server:
+            server.wait_until_up(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         result = retrain(params=params, push=args.push, isolate=args.isolate)
     except StageInputError as error:
         raise InputError(str(error)) from None
-    metrics = result["metrics"]
-    registered = result["registered"]
-    print(f"stages run: {', '.join(result['stages_run']) or 'none (all up to date)'}")
+    print_summary(result["stages_run"], result["metrics"], result["registered"])
+
+
+def print_summary(stages_run: list[str], metrics: dict, registered: dict) -> None:
+    print(f"stages run: {', '.join(stages_run) or 'none (all up to date)'}")
     print(f"test accuracy {metrics['finetune']['test']['accuracy']:.4f}, "
           f"macro-F1 {metrics['finetune']['test']['macro_f1']:.4f} (fine-tuned GPT)")
     for name, baseline in metrics["baselines"].items():

@@ -8,8 +8,10 @@ import polars as pl
 import pytest
 import yaml
 
+from components.params import PARAMS_FILE, load_params
 from components.promotion import split_digest
 from flows.stages import PipelineStatus
+from flows.up_to_date import registered_without_changes
 from tests.conftest import BIN, TINY_PARAMS, gptpipe, make_project, support_tickets
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,33 @@ def test_second_run_reruns_nothing_and_registers_nothing(first_run):
     # Only the stage that looks at the data files every run shows; no stage after it is out of date.
     assert "always changed" in status.stdout
     assert not {"ingest", "tokenize", "pretrain", "finetune", "evaluate"} & set(status.stdout.replace(":", " ").split())
+
+
+def test_a_local_rerun_with_nothing_changed_finishes_without_prefect(first_run):
+    project, _, _ = first_run
+    again = gptpipe("run", "--set", "pretrain.max_steps=8", cwd=project, env={"PREFECT_API_URL": ""})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing changed since the last run: no flow run started" in again.stdout
+    assert "stages run: none (all up to date)" in again.stdout
+    assert "registered bbc:1 as latest" in again.stdout and "(unchanged, already registered)" in again.stdout
+    assert "flow run" not in again.stderr.lower()  # Prefect never started
+    assert sorted(p.name for p in (project / "registry/bbc/versions").iterdir()) == ["1.json"]
+
+
+def test_the_quick_check_leaves_a_run_with_anything_to_do_to_the_flow(first_run, monkeypatch):
+    project, _, _ = first_run
+    monkeypatch.chdir(project)
+    params = load_params(PARAMS_FILE)
+    assert registered_without_changes(project, params)["version"] == 1
+    other = params.model_copy(deep=True)
+    other.finetune.epochs += 1
+    assert registered_without_changes(project, other) is None  # params.yaml would change
+    labeled = project / "labeled.csv"
+    original = labeled.read_bytes()
+    labeled.write_bytes(original + b"one more ticket about a refund,billing\n")
+    assert registered_without_changes(project, params) is None  # ingest would run
+    labeled.write_bytes(original)
+    assert registered_without_changes(project, params)["version"] == 1
 
 
 def test_predict_answers_from_the_registry(first_run):
