@@ -19,7 +19,8 @@ from components.params import Params, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SERVER_START_TIMEOUT = 60
+# A Prefect server's first start migrates a new database: on two busy cores that can take over a minute.
+SERVER_START_TIMEOUT = 120
 FOUNDATION = Path("models/foundation")
 # Registry downloads are cached per user; keep the suite's apart from the user's own.
 os.environ["GPTPIPE_CACHE"] = tempfile.mkdtemp(prefix="gptpipe-test-cache-")
@@ -90,7 +91,11 @@ def s3_server() -> Iterator[str]:
     process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    wait_for(endpoint, process)
+    try:
+        wait_for(endpoint, process)
+    except (TimeoutError, RuntimeError):
+        stop(process)
+        raise
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS")}
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
@@ -128,9 +133,11 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=env, stdout=log, stderr=subprocess.STDOUT)
     api = f"http://127.0.0.1:{port}/api"
-    wait_for(f"{api}/health", process)
-    yield api
-    stop(process)
+    try:
+        wait_for(f"{api}/health", process)
+        yield api
+    finally:
+        stop(process)
 
 
 def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> Path:
