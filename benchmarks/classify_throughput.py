@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from components.evaluate import label_logprobs, zero_shot
+from components.evaluate import label_logprobs, label_token_ids, prompted_guesses
 from components.finetune import DrawWindows, ShuffledBuckets
 from components.inference import batches_by_length, load_backbone, pad_windows, text_windows, token_count
 from components.model import Classifier
@@ -103,15 +103,13 @@ def measure(checkpoint: Path, texts: list[str], steps: int, cfg: FinetuneParams)
 def zero_shot_rates(checkpoint: Path, texts: list[str], labels: list[str], text_tokens: int) -> dict:
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     lm = load_backbone(checkpoint).eval()
-    encoded = [tokenizer.encode(" " + label).ids for label in labels]
-    lengths = torch.tensor([len(ids) for ids in encoded])
-    label_ids = torch.tensor([ids + [0] * (int(lengths.max()) - len(ids)) for ids in encoded])
+    label_ids, lengths = label_token_ids(tokenizer, labels)
     started = time.perf_counter()
     for encoding in tokenizer.encode_batch_fast(texts):  # one text per forward, as before
         label_logprobs(lm, [encoding.ids[:text_tokens]], label_ids, lengths)
     one_by_one = len(texts) / (time.perf_counter() - started)
     started = time.perf_counter()
-    zero_shot(lm, tokenizer, texts, labels, text_tokens, log=lambda line: None)
+    prompted_guesses(lm, tokenizer, texts, labels, text_tokens, log=lambda line: None)
     batched = len(texts) / (time.perf_counter() - started)
     return {"texts": len(texts), "labels": len(labels), "one_text_per_forward": round(one_by_one, 1),
             "batched": round(batched, 1), "ratio": round(batched / one_by_one, 2)}

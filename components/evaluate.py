@@ -10,6 +10,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -34,20 +35,21 @@ from components import layout
 from components.atomic import write_bytes_atomic, write_json_atomic
 from components.bootstrap import bootstrap_intervals
 from components.curves import plot_curves
-from components.errors import exit_on_input_error
+from components.errors import InputError, exit_on_input_error
 from components.figures import save_figure
 from components.finetune import finetune
 from components.inference import LoadedClassifier, load_backbone, load_classifier
-from components.model import GPT, Classifier
+from components.model import GPT, Classifier, KeyValues
 from components.model_card import model_card
 from components.params import Params, load_params
 
-ZERO_SHOT_PROMPT = "\nThis text is about"
+LABEL_PROMPT = "\nThis text is about"  # the label name follows
+SHOT_END = "\n\n"  # after each labeled demonstration of a few-shot prompt
 ECE_BINS = 15
 MISTAKES = 10
-PROGRESS_SECONDS = 10.0
-# Label tokens of the batch of texts that zero-shot scores in one forward: bounds its memory.
-ZERO_SHOT_LABEL_TOKENS = 2048  # a progress line at most this often from a long evaluate step
+PROGRESS_SECONDS = 10.0  # a progress line at most this often from a long evaluate step
+# Label tokens of the batch of texts that prompting scores in one forward: bounds its memory.
+PROMPT_LABEL_TOKENS = 2048
 
 
 def scores(truth: list[str], predicted: list[str], labels: list[str], bootstrap_samples: int = 0,
@@ -108,59 +110,115 @@ def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str
 
 
 @torch.no_grad()
-def label_logprobs(lm: GPT, prefixes: list[list[int]], label_ids: torch.Tensor,
-                   label_lengths: torch.Tensor) -> torch.Tensor:
+def label_logprobs(lm: GPT, prefixes: list[list[int]], label_ids: torch.Tensor, label_lengths: torch.Tensor,
+                   shared: list[KeyValues] | None = None) -> torch.Tensor:
     """log P(label | prefix) (B, L) for every prefix and label in two forward passes: the prefixes run once,
     right-padded, and then every label of every text continues from its text's keys and values at once, each label
-    token seeing its own prefix and its own label's earlier tokens (label_ids (L, K) right-padded, lengths (L,))."""
+    token seeing its own prefix and its own label's earlier tokens (label_ids (L, K) right-padded, lengths (L,)).
+    With `shared` (the keys and values of tokens that come before every prefix, batch 1), the prefixes continue
+    those tokens instead of recomputing them."""
     lengths = torch.tensor([len(prefix) for prefix in prefixes])
     padded = torch.zeros(len(prefixes), int(lengths.max()), dtype=torch.long)
     for row, prefix in enumerate(prefixes):
         padded[row, : len(prefix)] = torch.tensor(prefix)
-    states, past = lm.hidden_states(padded)  # causal: right padding never reaches the real tokens
+    states, past = lm.hidden_states(padded, shared)  # causal: right padding never reaches the real tokens
+    S = shared[0][0].size(2) if shared else 0
     B, P = padded.shape
     L, K = label_ids.shape
     last = states[torch.arange(B), lengths - 1]  # (B, C)
     first = F.log_softmax(lm.lm_head(last).float(), dim=-1)[:, label_ids[:, 0]]  # (B, L)
     if K == 1:
         return first
+    ends = S + lengths  # each row's shared and own prefix tokens
     step = torch.arange(K - 1).repeat(L)  # each continued token's place in its label, (Q,) with Q = L (K - 1)
     label_of = torch.arange(L).repeat_interleave(K - 1)
-    sees_prefix = (torch.arange(P)[None, :] < lengths[:, None])[:, None, :].expand(B, step.numel(), P)
+    sees_prefix = (torch.arange(S + P)[None, :] < ends[:, None])[:, None, :].expand(B, step.numel(), S + P)
     sees_label = (label_of[:, None] == label_of[None, :]) & (step[None, :] <= step[:, None])  # (Q, Q)
-    mask = torch.cat([sees_prefix, sees_label.expand(B, -1, -1)], dim=2)[:, None]  # (B, 1, Q, P + Q)
+    mask = torch.cat([sees_prefix, sees_label.expand(B, -1, -1)], dim=2)[:, None]  # (B, 1, Q, S + P + Q)
     tokens = label_ids[:, :-1].reshape(1, -1).expand(B, -1)  # (B, Q)
-    continued, _ = lm.hidden_states(tokens, past, lengths[:, None] + step[None, :], mask)
+    continued, _ = lm.hidden_states(tokens, past, ends[:, None] + step[None, :], mask)
     logprobs = F.log_softmax(lm.lm_head(continued).float(), dim=-1)  # (B, Q, vocab)
     rest = logprobs.gather(-1, label_ids[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)).view(B, L, K - 1)
     real = torch.arange(1, K)[None, :] < label_lengths[:, None]  # (L, K - 1)
     return first + (rest * real).sum(dim=2)
 
 
-def zero_shot(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str], text_tokens: int,
-              log=print) -> list[str]:
+def fragment(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of text in the middle of a prompt: no start-of-text token, which a Llama-family tokenizer adds."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def label_token_ids(tokenizer: Tokenizer, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label name as the LM continues the prompt with it: ids (L, K) right-padded, and lengths (L,)."""
+    encoded = [fragment(tokenizer, " " + label) for label in labels]
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    return torch.tensor([ids + [0] * (int(lengths.max()) - len(ids)) for ids in encoded]), lengths
+
+
+def prompted_guesses(lm: GPT, tokenizer: Tokenizer, texts: list[str], labels: list[str], text_tokens: int,
+                     shots: list[int] | None = None, log=print) -> list[str]:
     """Prompt the pre-trained LM with each label name after the text and pick the most likely one, each score
-    taken relative to the label's likelihood with no text, so that a label that is merely frequent does not win."""
+    taken relative to the label's likelihood with no text, so that a label that is merely frequent (or shown last)
+    does not win. `shots` (token ids of labeled demonstrations, see `few_shot_prompt`) go before every text; they
+    run once and every text continues from their keys and values."""
     lm.eval()
-    # Fragments in the middle of a prompt: no start-of-text token, which a Llama-family tokenizer would add.
-    encoded_labels = [tokenizer.encode(" " + label, add_special_tokens=False).ids for label in labels]
-    lengths = torch.tensor([len(ids) for ids in encoded_labels])
-    label_ids = torch.tensor([ids + [0] * (int(lengths.max()) - len(ids)) for ids in encoded_labels])
-    prompt_ids = tokenizer.encode(ZERO_SHOT_PROMPT, add_special_tokens=False).ids
-    room = lm.config.context_length - len(prompt_ids) - label_ids.size(1)
-    prior = label_logprobs(lm, [prompt_ids], label_ids, lengths)[0]
-    batch = max(1, ZERO_SHOT_LABEL_TOKENS // label_ids.numel())
-    encodings = tokenizer.encode_batch_fast(texts)
+    label_ids, lengths = label_token_ids(tokenizer, labels)
+    prompt_ids = fragment(tokenizer, LABEL_PROMPT)
+    shots = shots or []
+    with torch.no_grad():
+        shared = lm.hidden_states(torch.tensor([shots]))[1] if shots else None
+    room = lm.config.context_length - len(shots) - len(prompt_ids) - label_ids.size(1)
+    prior = label_logprobs(lm, [prompt_ids], label_ids, lengths, shared)[0]
+    batch = max(1, PROMPT_LABEL_TOKENS // label_ids.numel())
+    # A text that starts the prompt is encoded whole; after demonstrations it is a fragment.
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=not shots)
+    kind = "few-shot" if shots else "zero-shot"
     guesses, reported = [], time.monotonic()
     for start in range(0, len(texts), batch):
         prefixes = [encoding.ids[: min(text_tokens, room)] + prompt_ids
                     for encoding in encodings[start : start + batch]]
-        best = (label_logprobs(lm, prefixes, label_ids, lengths) - prior).argmax(dim=1)
+        best = (label_logprobs(lm, prefixes, label_ids, lengths, shared) - prior).argmax(dim=1)
         guesses += [labels[i] for i in best.tolist()]
         if time.monotonic() - reported > PROGRESS_SECONDS:
-            log(f"evaluate: zero-shot {len(guesses)}/{len(texts)} texts")
+            log(f"evaluate: {kind} {len(guesses)}/{len(texts)} texts")
             reported = time.monotonic()
     return guesses
+
+
+class FewShotPrompt(NamedTuple):
+    shots: list[int]  # token ids of the labeled demonstrations that start every prompt
+    per_class: int  # demonstrations of each label they hold
+    text_tokens: int  # of each test text after them
+
+
+def few_shot_prompt(tokenizer: Tokenizer, train: pl.DataFrame, labels: list[str], params: Params,
+                    context_length: int) -> FewShotPrompt:
+    """Labeled train texts for a few-shot prompt: up to `evaluate.few_shot_per_class` of each label (chosen by
+    seed, as a label budget's), each cut to `evaluate.few_shot_text_tokens` tokens and followed by the prompt, its
+    label and a blank line, in rounds of one text per label; as many whole rounds as the window holds beside the
+    test text (cut as for zero-shot), its prompt and the longest label."""
+    cfg = params.evaluate
+    prompt_ids, end_ids = fragment(tokenizer, LABEL_PROMPT), fragment(tokenizer, SHOT_END)
+    text_room = context_length - len(prompt_ids) - label_token_ids(tokenizer, labels)[0].size(1)
+    text_tokens = min(cfg.zero_shot_text_tokens, text_room)
+    shots = (per_class_sample(train, labels, cfg.few_shot_per_class, params.seed)
+             .with_columns(round=pl.int_range(pl.len()).over("label")).sort("round", maintain_order=True))
+    ids, rounds = [], 0
+    for _, group in shots.group_by("round", maintain_order=True):
+        round_ids = []
+        for text, label in group.select("text", "label").iter_rows():
+            # The first text starts the prompt and is encoded whole, like a zero-shot text.
+            text_ids = tokenizer.encode(text, add_special_tokens=not ids and not round_ids).ids
+            round_ids += text_ids[: cfg.few_shot_text_tokens] + prompt_ids + fragment(tokenizer, " " + label) + end_ids
+        if len(ids) + len(round_ids) > text_room - text_tokens:
+            break
+        ids, rounds = ids + round_ids, rounds + 1
+    if not rounds:
+        raise InputError(f"params evaluate.few_shot_text_tokens: one train text of each of the {len(labels)} "
+                         f"labels, cut to {cfg.few_shot_text_tokens} tokens, does not fit in the model's "
+                         f"{context_length}-token window beside {text_tokens} tokens of the test text; lower "
+                         "evaluate.few_shot_text_tokens or evaluate.zero_shot_text_tokens")
+    return FewShotPrompt(ids, rounds, text_tokens)
 
 
 def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int,
@@ -299,12 +357,21 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
     if "tfidf_logreg" in cfg.baselines:
         metrics["baselines"]["tfidf_logreg"] = {"test": scores(truth, tfidf_logreg(train, test, params.seed), labels,
                                                                cfg.bootstrap_samples, params.seed)}
+    lm = load_backbone(pretrained) if {"zero_shot", "few_shot"} & set(cfg.baselines) else None
     if "zero_shot" in cfg.baselines:
         print(f"evaluate: zero-shot prompting with {len(labels)} label names on {len(truth)} texts", flush=True)
-        guesses = zero_shot(load_backbone(pretrained), classifier.tokenizer, test["text"].to_list(), labels,
-                            cfg.zero_shot_text_tokens)
+        guesses = prompted_guesses(lm, classifier.tokenizer, test["text"].to_list(), labels,
+                                   cfg.zero_shot_text_tokens)
         metrics["baselines"]["zero_shot"] = {"test": scores(truth, guesses, labels, cfg.bootstrap_samples,
                                                             params.seed)}
+    if "few_shot" in cfg.baselines:
+        print(f"evaluate: few-shot prompting with up to {cfg.few_shot_per_class} train texts per label on "
+              f"{len(truth)} texts", flush=True)
+        prompt = few_shot_prompt(classifier.tokenizer, train, labels, params, lm.config.context_length)
+        guesses = prompted_guesses(lm, classifier.tokenizer, test["text"].to_list(), labels, prompt.text_tokens,
+                                   prompt.shots)
+        metrics["baselines"]["few_shot"] = {"test": scores(truth, guesses, labels, cfg.bootstrap_samples,
+                                                           params.seed), "labels_per_class": prompt.per_class}
     runs = LabelEfficiency(params, prepared, pretrained, classifier, test)
     curve = runs.curve(finetuned)
     if "scratch" in cfg.baselines:

@@ -176,15 +176,21 @@ LabelBudget = int | Literal["all"]
 
 
 class EvaluateParams(Section):
-    baselines: list[Literal["tfidf_logreg", "zero_shot", "scratch"]] = Field(
+    baselines: list[Literal["tfidf_logreg", "zero_shot", "few_shot", "scratch"]] = Field(
         default_factory=lambda: ["tfidf_logreg", "zero_shot", "scratch"],
-        description="Baselines scored on the same test split; `scratch` is the same model and fine-tuning recipe "
-        "without pre-training.",
+        description="Baselines scored on the same test split; `few_shot` prompts the pre-trained LM with labeled "
+        "train texts before each test text; `scratch` is the same model and fine-tuning recipe without "
+        "pre-training.",
     )
     scratch_labels_per_class: int | None = Field(
         10, ge=1, description="Labels per class the `scratch` baseline trains on (reusing that label-efficiency run); "
         "null trains it on the whole train split like the fine-tune, which costs one more full fine-tune.")
-    zero_shot_text_tokens: int = Field(128, ge=1, description="Tokens of each text shown in the zero-shot prompt.")
+    zero_shot_text_tokens: int = Field(128, ge=1, description="Tokens of each test text shown in the zero-shot "
+                                       "and few-shot prompts.")
+    few_shot_per_class: int = Field(2, ge=1, description="Labeled train texts of each label shown in the few-shot "
+                                    "prompt (drawn by seed), fewer where the model's window holds fewer.")
+    few_shot_text_tokens: int = Field(4, ge=1, description="Tokens of each labeled train text shown in the "
+                                      "few-shot prompt.")
     label_budgets: list[LabelBudget] = Field(
         default_factory=lambda: [10],
         description="Labels per class for the label-efficiency curve, pre-trained vs scratch; `all` reuses the "

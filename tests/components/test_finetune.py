@@ -48,9 +48,9 @@ from tests.conftest import TINY_PARAMS, support_tickets
 TINY = GPTConfig(vocab_size=320, context_length=32, n_layer=2, n_head=2, d_model=16)
 
 
-def make_workspace(root: Path) -> tuple[Path, Path]:
+def make_workspace(root: Path, config: GPTConfig = TINY) -> tuple[Path, Path]:
     """data/prepared (train/val/test, labels.json) from the synthetic tickets and models/pretrained (a freshly
-    initialised tiny GPT, its config, tokenizer and metrics), laid out as the stages write them."""
+    initialised tiny GPT of `config`, its config, tokenizer and metrics), laid out as the stages write them."""
     rows = support_tickets(rows_per_label=30)
     random.Random(0).shuffle(rows)
     prepared, pretrained = root / "prepared", root / "pretrained"
@@ -59,12 +59,12 @@ def make_workspace(root: Path) -> tuple[Path, Path]:
     for name, part in (("train", rows[:54]), ("val", rows[54:72]), ("test", rows[72:])):
         pl.DataFrame(part).write_parquet(prepared / f"{name}.parquet")
     (prepared / "labels.json").write_text(json.dumps(sorted({row["label"] for row in rows})))
-    tokenizer = train_tokenizer((row["text"] for row in rows[:54]), TINY.vocab_size, 2)
+    tokenizer = train_tokenizer((row["text"] for row in rows[:54]), config.vocab_size, 2)
     tokenizer.save(str(pretrained / "tokenizer.json"))
     torch.manual_seed(0)
-    model = GPT(TINY)
+    model = GPT(config)
     save_model(model, str(pretrained / "model.safetensors"))
-    (pretrained / "config.json").write_text(json.dumps(TINY.to_dict()))
+    (pretrained / "config.json").write_text(json.dumps(config.to_dict()))
     (pretrained / "metrics.json").write_text(json.dumps({"val_perplexity": 300.0, "tokens_per_second": 1.0,
                                                          "n_params": model.num_params(non_embedding=False)}))
     return prepared, pretrained
