@@ -36,11 +36,12 @@ from components.inference import (
     text_windows,
     token_count,
 )
-from components.model import GPT, Classifier, add_lora, merge_lora
+from components.memory import check_fits, training_memory
+from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
 from components.sources import file_sha256
 from components.special_tokens import padding_id
-from components.training import make_trainer, warmup_cosine
+from components.training import make_trainer, resolve_precision, warmup_cosine
 
 
 def layer_groups(classifier: Classifier) -> list[list[nn.Parameter]]:
@@ -221,6 +222,20 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
     return math.ceil(cfg.steps_per_sqrt_example * math.sqrt(examples) / steps_per_epoch)
 
 
+def check_memory(config: GPTConfig, cfg: FinetuneParams, classes: int) -> None:
+    """Stop before any weights load when a training step of the strategy cannot fit in the memory free where it
+    would run."""
+    precision = resolve_precision(cfg.precision)
+    windows = cfg.train_windows or cfg.max_chunks
+    need = training_memory(config, precision, cfg.batch_size * windows, cfg.strategy, cfg.lora_rank, classes,
+                           lm_loss=cfg.aux_lm_weight > 0)
+    fixes = ["use finetune.strategy=lora"] if cfg.strategy in ("full", "ulmfit") else []
+    fixes += ["lower finetune.batch_size" + (" or finetune.train_windows" if windows > 1 else "")]
+    check_fits(need, f"{cfg.strategy} fine-tuning of a {need.parameters:,}-parameter GPT ({cfg.batch_size} "
+               f"texts x {windows} window(s) x {config.context_length} tokens a step, {precision})",
+               f"{', '.join(fixes)}, or run the stage where more memory is free (the gpu work pool)")
+
+
 def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer, work_dir: Path,
              train: pl.DataFrame | None = None, select_on_val: bool = True,
              curves: Path | None = None) -> tuple[Classifier, dict]:
@@ -299,6 +314,8 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, default=layout.FINETUNE_CURVES)
     args = parser.parse_args()
     params = load_params(args.params)
+    labels = json.loads((args.prepared / "labels.json").read_text())
+    check_memory(GPTConfig(**json.loads((args.pretrained / "config.json").read_text())), params.finetune, len(labels))
     tokenizer = Tokenizer.from_file(str(args.pretrained / "tokenizer.json"))
     with tempfile.TemporaryDirectory(prefix="gptpipe-finetune-") as work_dir:
         work_curves = Path(work_dir) / "curves"

@@ -172,7 +172,7 @@ def build_foundation(cfg: FoundationParams, seed: int, registry_uri: str, out: P
         init = None
     curves = work_root / "curves"
     model, summary, _ = train_language_model(seed, config, cfg.pretrain, tokens, manifest, work_root / "resume",
-                                             curves, init)
+                                             curves, init, key="foundation.pretrain")
     # validate, per source
     per_source = {source: held_out_perplexity(model, tokens, entry, cfg.pretrain.val_batches, seed)
                   for source, entry in manifest["val_sources"].items()}

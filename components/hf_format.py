@@ -132,7 +132,7 @@ def hf_config(config: GPTConfig, family: str, special: dict[str, int | None]) ->
             **(config.rope_scaling or {})}
     extra = {"attention_bias": config.bias, "mlp_bias": config.bias} if family == "llama" else {}
     return {**common, **extra, "hidden_size": config.d_model,
-            "intermediate_size": config.mlp_hidden or 4 * config.d_model, "num_hidden_layers": config.n_layer,
+            "intermediate_size": config.mlp_width, "num_hidden_layers": config.n_layer,
             "num_attention_heads": config.n_head,
             "num_key_value_heads": config.kv_heads, "max_position_embeddings": config.context_length,
             "rms_norm_eps": config.norm_eps, "hidden_act": "silu", "rope_theta": config.rope_theta,

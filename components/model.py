@@ -55,6 +55,14 @@ class GPTConfig:
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or 4 * self.d_model
+
+    @property
+    def qkv_biased(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -95,8 +103,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
-        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.qkv_biased)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
@@ -128,7 +135,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        hidden = config.mlp_hidden or 4 * config.d_model
+        hidden = config.mlp_width
         # SwiGLU (Shazeer 2020): silu(gate(x)) * up(x); the GELU MLP has no gate.
         self.gate = nn.Linear(config.d_model, hidden, bias=config.bias) if config.mlp == "swiglu" else None
         self.up = nn.Linear(config.d_model, hidden, bias=config.bias)

@@ -27,6 +27,7 @@ from components.checkpoints import Foundation, resolve_foundation
 from components.curves import publish_curves
 from components.errors import InputError, exit_on_input_error
 from components.inference import load_weights
+from components.memory import check_fits, training_memory
 from components.model import GPT, GPTConfig
 from components.params import Params, PretrainParams, load_params
 from components.registry import open_store
@@ -143,6 +144,17 @@ def check_corpus(manifest: dict, context: int, tokens: Path) -> None:
                              f"fewer than model.context_length + 2 ({context + 2}); add text or lower the context")
 
 
+def check_memory(config: GPTConfig, cfg: PretrainParams, key: str) -> None:
+    """Stop before any weights load when a training step cannot fit in the memory free where it would run."""
+    per_device = cfg.batch_size // (cfg.devices * cfg.num_nodes)
+    precision = resolve_precision(cfg.precision)
+    need = training_memory(config, precision, per_device)
+    check_fits(need, f"pre-training a {need.parameters:,}-parameter GPT ({per_device} x "
+               f"{config.context_length} tokens a step per device, {precision})",
+               f"lower {key}.batch_size (raising {key}.accumulate_grad_batches keeps the batch), or run the stage "
+               "where more memory is free (the gpu work pool)", processes=cfg.devices)
+
+
 def read_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint, unpickled with `weights_only`: a mirrored one may come from a shared bucket."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -176,14 +188,17 @@ def restore_mirrored(mirror, key: str, last: Path) -> None:
 
 
 def train_language_model(seed: int, config: GPTConfig, cfg: PretrainParams, tokens: Path, manifest: dict,
-                         resume_root: Path, curves: Path, init_weights: Path | None = None
-                         ) -> tuple[GPT, dict, L.Trainer]:
+                         resume_root: Path, curves: Path, init_weights: Path | None = None,
+                         key: str = "pretrain") -> tuple[GPT, dict, L.Trainer]:
     """Next-token training on the token shards in `tokens`, from `init_weights` (a safetensors file) or from
     random weights; resumes from the last checkpoint of this exact configuration, its training curves too.
-    Writes the curves to `curves`; returns the model, a summary and the trainer (for further validation)."""
+    Writes the curves to `curves`; returns the model, a summary and the trainer (for further validation).
+    `key` is where `cfg` sits in params.yaml, for error messages."""
     # setup
     L.seed_everything(seed, workers=True, verbose=False)
     check_corpus(manifest, config.context_length, tokens)
+    if cfg.max_steps:  # 0 steps only validates the starting weights
+        check_memory(config, cfg, key)
     fingerprint = manifest["train"]["sha256"] + manifest["val"]["sha256"]
     if init_weights is not None:
         fingerprint += hashlib.sha256(init_weights.read_bytes()).hexdigest()

@@ -4,6 +4,7 @@ chunked reading, temperature fitting and the classifier folder."""
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,23 @@ def test_stage_writes_curves_with_a_row_per_step(workspace, tmp_path):
         assert curves[name]["step"].to_list() == [7, 14], name
     assert max(curves["val/macro_f1"]["macro_f1"]) == pytest.approx(summary["val_macro_f1"])  # the epoch kept
 
+
+
+def test_a_batch_that_cannot_fit_stops_before_training_with_one_line(workspace, tmp_path):
+    """10^10 texts a step: hundreds of terabytes of activations even for the tiny model. The stage says so before
+    loading the weights, names the strategy's fixes, and writes nothing."""
+    prepared, pretrained = workspace
+    params = tmp_path / "params.yaml"
+    params.write_text(to_yaml(tiny_params(batch_size=10**10)))
+    done = subprocess.run([sys.executable, "-m", "components.finetune", "--params", params, "--prepared", prepared,
+                           "--pretrained", pretrained, "--out", tmp_path / "classifier", "--curves",
+                           tmp_path / "curves"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()
+    need, free = (float(gb.replace(",", "")) for gb in re.findall(r"([\d,.]+) GB", line))
+    assert line.startswith("gptpipe: error: full fine-tuning of a 12,275-parameter GPT") and need > 100_000 > free > 0
+    assert "finetune.strategy=lora" in line and "finetune.batch_size" in line and "gpu work pool" in line
+    assert not (tmp_path / "classifier").exists() and not (tmp_path / "curves").exists()
 
 def test_early_stopping_ends_when_val_macro_f1_stops_improving(workspace, tmp_path):
     _, summary, _, _ = run(workspace, tmp_path, epochs=6, learning_rate=1e-9, patience=1)

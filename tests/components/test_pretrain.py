@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -190,3 +191,23 @@ def test_continued_pretraining_keeps_the_foundation_tokenizer_and_never_reads_he
             assert text not in corpus_text
     train = pl.read_parquet(project / "data/prepared/train.parquet")["text"]
     assert all(text in corpus_text for text in train)
+
+
+def test_a_model_that_cannot_fit_stops_before_training_with_one_line(tokenized):
+    """96 layers 12,288 wide (174B parameters: 2.8 TB of weights, gradients and AdamW state in fp32) at 100,000
+    windows a step (300 TB of activations): no machine holds it. The stage says so before allocating anything,
+    and writes nothing."""
+    project, env = tokenized
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"].update(n_layer=96, n_head=96, d_model=12288)
+    params["pretrain"]["batch_size"] = 100_000
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "components.pretrain"], cwd=project, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()
+    need, free = (float(gb.replace(",", "")) for gb in re.findall(r"([\d,.]+) GB", line))
+    assert "173,965,860,864-parameter GPT" in line and need > 100_000 > free > 0
+    assert "RAM" in line or "GPU" in line
+    assert "pretrain.batch_size" in line and "gpu work pool" in line
+    assert not (project / "models/pretrained").exists() and not (project / "reports/curves/pretrain").exists()
