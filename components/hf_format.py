@@ -201,6 +201,14 @@ def to_hf(state: dict[str, torch.Tensor], config: GPTConfig, family: str) -> dic
     return tensors
 
 
+def no_safetensors(where: str, names: list[str]) -> InputError:
+    """The refusal of a checkpoint whose files (`names`) hold no safetensors weights, naming its pickles."""
+    pickles = sorted(name for name in names if name.endswith(".bin"))
+    found = f" (only {', '.join(pickles)}: pickles, refused because loading one can run code)" if pickles else ""
+    return InputError(f"{where}: no .safetensors weights{found}; use a revision or copy of the checkpoint saved "
+                      "with safetensors (save_pretrained writes them by default)")
+
+
 def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors files (one file, or the shards an index names). Pickled .bin
     weights are refused: loading one runs whatever code it holds."""
@@ -212,10 +220,7 @@ def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        pickles = sorted(p.name for p in folder.glob("*.bin"))
-        found = f" (only {', '.join(pickles)}: pickles, refused because loading one can run code)" if pickles else ""
-        raise InputError(f"{where}: no .safetensors weights{found}; use a revision or copy of the checkpoint saved "
-                         "with safetensors (save_pretrained writes them by default)")
+        raise no_safetensors(where, [p.name for p in folder.glob("*.bin")])
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt") as weights:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from components.atomic import atomic_dir
 from components.checkpoints import HUB_PREFIX
 from components.errors import InputError
-from components.hf_format import family_named, from_hf, gpt_config, read_weights
+from components.hf_format import family_named, from_hf, gpt_config, no_safetensors, read_weights
 from components.model import GPT
 from components.registry import cache_root
 from components.sources import TransientStorageError, file_sha256, s3_client, s3_error, s3_keys, split_s3_uri
@@ -31,6 +31,9 @@ HUB_REF = re.compile(r"(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(
 # What a checkpoint folder holds that import reads: config, weights (one file or shards and their index),
 # tokenizer, and the model card and licence files that state the licence.
 WANTED = re.compile(r"(config\.json|tokenizer\.json|[^/]*\.safetensors(\.index\.json)?|README\.md|LICEN[CS]E[^/]*)")
+# What a Hub download fetches: the small files import reads (config, tokenizer, shard index, model card, licence),
+# then the safetensors weights.
+SMALL_FILES = ["*.json", "README.md", "LICEN[CS]E*"]
 CONVERSION = 1  # bump when the conversion's output changes, so that cached conversions are redone
 
 
@@ -46,20 +49,34 @@ def parse_hub_ref(init_from: str, key: str) -> tuple[str, str | None]:
 def hub_snapshot(init_from: str, key: str) -> Path:
     """The repository's files at the revision, from huggingface_hub's cache or downloaded into it (HF_ENDPOINT,
     HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply); pickled .bin weights are never fetched."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import (
+        CachedRepoTreeNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import tqdm
+
+    class Quietly(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
 
     repo, revision = parse_hub_ref(init_from, key)
     where = f"{key}={init_from}"
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors",
-                                                                              "README.md", "LICEN[CS]E*"]))
+        # The small files first, without progress bars: that caches the listing of the revision's files, so one
+        # without safetensors weights is refused in one line before any weights are fetched.
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=SMALL_FILES, tqdm_class=Quietly))
+        try:
+            listed = [file.path for file in get_cached_repo_tree(repo, revision=folder.name)]
+        except CachedRepoTreeNotFoundError:  # a cache filled without listings: read_weights refuses instead
+            listed = None
+        if listed is not None and not any(name.endswith(".safetensors") for name in listed):
+            raise no_safetensors(where, listed)
+        return Path(snapshot_download(repo, revision=folder.name, allow_patterns=["*.safetensors"]))
     except GatedRepoError:
         raise InputError(f"{where}: the repository is gated; accept its licence on the Hub and set HF_TOKEN") from None
     except RevisionNotFoundError:

@@ -163,6 +163,13 @@ def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> 
     return target
 
 
+def repro(project: Path, env: dict, *stages: str) -> str:
+    """`dvc repro STAGE...` in the project (every stage when none is named); its output, which names the stages run."""
+    done = subprocess.run(["dvc", "repro", *stages], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 def gptpipe(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "gptpipe"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})

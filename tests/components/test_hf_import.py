@@ -1,21 +1,23 @@
 """Published checkpoints in Hugging Face format import with the logits `transformers` computes for them."""
 
+import copy
 import json
 import os
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 import torch
-import yaml
 from tokenizers import Tokenizer
 
 from components.checkpoints import resolve_foundation
 from components.errors import InputError
 from components.inference import load_backbone
+from components.params import Params, to_yaml
 from components.special_tokens import end_of_text_id, padding_id
 from tests.components.hf_models import MIXED_LENGTHS, save_published
-from tests.conftest import ROOT
+from tests.conftest import BIN, ROOT, TINY_PARAMS, TOPICS, gptpipe, make_project, repro, support_tickets
 
 FAMILIES = ["gpt2", "llama", "qwen2"]
 
@@ -131,6 +133,51 @@ def test_a_hub_reference_resolves_its_revision_from_the_cache_and_stops_with_one
     assert nothing_imported(tmp_path)
 
 
+def test_a_hub_reference_is_downloaded_and_imported_and_then_imports_from_the_cache_offline(hub, tmp_path):
+    theirs = save_published("llama", tmp_path / "tiny-llama")
+    commit = hub.publish("tiny-org/tiny-llama", tmp_path / "tiny-llama")
+    env = hub.environment(tmp_path / "hub")
+    done = resolve_in_process(["hf:tiny-org/tiny-llama@main"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert (record["name"], record["revision"]) == ("tiny-org/tiny-llama", commit)
+    [imported] = (tmp_path / "cache" / "imported").iterdir()
+    tokenizer = Tokenizer.from_file(str(imported / "tokenizer.json"))
+    ids, mask = encode(tokenizer, MIXED_LENGTHS)
+    with torch.no_grad():
+        logits = load_backbone(imported).eval()(ids)
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(logits[mask.bool()], expected[mask.bool()], atol=1e-4)
+    # The Hub gone and the conversion thrown away: the revision and its files come from huggingface_hub's cache.
+    hub.stop()
+    (tmp_path / "cache").rename(tmp_path / "earlier-cache")
+    again = resolve_in_process(["hf:tiny-org/tiny-llama@main"], env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == record
+
+
+@pytest.mark.parametrize(("repo", "message"), [
+    ("tiny-org/missing", "hf:tiny-org/missing: no such repository on the Hub"),
+    ("tiny-org/pickled", "hf:tiny-org/pickled: no .safetensors weights (only pytorch_model.bin: pickles, refused"),
+], ids=["missing", "pickles-only"])
+def test_a_missing_or_pickle_only_hub_repository_stops_the_sources_stage_with_one_line(repo, message, hub, tmp_path):
+    pickled = tmp_path / "pickled"
+    save_published("gpt2", pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    hub.publish("tiny-org/pickled", pickled)
+    pl.DataFrame(support_tickets()).write_csv(tmp_path / "labeled.csv")
+    params = {"data": {"labeled": {"path": str(tmp_path / "labeled.csv")}}, "pretrain": {"init_from": f"hf:{repo}"}}
+    (tmp_path / "params.yaml").write_text(to_yaml(Params.model_validate(params)))
+    data, env = tmp_path / "data", {"GPTPIPE_CACHE": str(tmp_path / "cache"), **hub.environment(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-m", "components.data_sources", "--params", str(tmp_path / "params.yaml"),
+                           "--out", str(data / "sources.json"), "--foundation", str(data / "foundation.json")],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **env})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert message in done.stderr
+    assert not data.exists() and nothing_imported(tmp_path)
+    assert not list((tmp_path / "hub").rglob("*.bin"))  # the pickle was never fetched
+
+
 def test_a_malformed_hub_reference_names_the_form_to_write():
     with pytest.raises(InputError, match="hf:a/b/c: not a Hub repository; write hf:ORG/NAME"):
         resolve_foundation("hf:a/b/c", "registry", 64)
@@ -153,41 +200,41 @@ def test_pickles_and_unknown_architectures_are_refused(tmp_path):
     assert nothing_imported(tmp_path)
 
 
-def repro(project, env, *stages) -> str:
-    done = subprocess.run(["dvc", "repro", *stages], cwd=project, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_published_checkpoint_of_each_family_runs_the_whole_pipeline_and_its_classifier_predicts(family, tmp_path):
+    from components.params import load_params
+    from components.register import register
 
-
-def test_a_published_checkpoint_is_continued_and_fine_tuned_and_rerun_only_when_its_content_changes(tmp_path):
-    from components.inference import load_classifier
-    from tests.conftest import TINY_PARAMS, make_project
-
-    published = tmp_path / "tiny-llama"
-    save_published("llama", published)
-    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "init_from": str(published)}}
+    published = tmp_path / f"tiny-{family}"
+    theirs = save_published(family, published)
+    params = copy.deepcopy(TINY_PARAMS)
+    params["pretrain"].update(init_from=str(published), max_steps=2)
+    params["evaluate"].update(label_budgets=[], bootstrap_samples=10)  # no label-efficiency fine-tunes
+    params["registry"] = {"uri": str(tmp_path / "registry")}
     project = make_project(tmp_path / "project", params)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-           "GPTPIPE_CACHE": str(tmp_path / "cache")}
-    repro(project, env, "finetune")
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GPTPIPE_CACHE": str(tmp_path / "cache")}
+    repro(project, {**os.environ, **env})
     source = json.loads((project / "data/foundation.json").read_text())
-    assert source["architecture"] == "LlamaForCausalLM" and source["licence"] == "apache-2.0"
+    assert source["architecture"] == theirs.config.architectures[0] and source["licence"] == "apache-2.0"
     pretrained = json.loads((project / "models/pretrained/metrics.json").read_text())
-    assert pretrained["foundation"]["sha256"] == source["sha256"] and pretrained["steps"] == 6
-    assert json.loads((project / "models/pretrained/config.json").read_text())["positions"] == "rotary"
-    tokenizer = Tokenizer.from_file(str(published / "tokenizer.json"))
-    manifest = json.loads((project / "data/tokens/manifest.json").read_text())
-    first = torch.from_file(str(project / "data/tokens" / manifest["train"]["file"]), size=2, dtype=torch.int16)
-    assert first[0].item() == tokenizer.token_to_id("<|begin_of_text|>")  # each text starts as Llama expects
-    classifier = load_classifier(project / "models/classifier")
-    probs = classifier.predict_proba(["my invoice shows a double charge", "login fails after password reset"])
-    assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
-    # Unchanged: the sources stage looks again, and nothing after it runs.
-    assert "Running stage 'tokenize'" not in repro(project, env, "finetune")
-    # Rebuilt in place with other weights: tokenize runs again (and pretrain, which reads the same record).
-    save_published("llama", published, seed=1)
-    rerun = repro(project, env, "tokenize")
-    assert "Running stage 'tokenize'" in rerun and "Running stage 'ingest'" not in rerun
-    assert json.loads((project / "data/foundation.json").read_text())["sha256"] != source["sha256"]
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert "data/foundation.json" in stages["pretrain"]["deps"]
+    assert pretrained["foundation"]["sha256"] == source["sha256"] and pretrained["steps"] == 2
+    config = json.loads((project / "models/pretrained/config.json").read_text())
+    assert config["positions"] == ("learned" if family == "gpt2" else "rotary")
+    if family == "llama":  # each text starts as Llama expects
+        tokenizer = Tokenizer.from_file(str(published / "tokenizer.json"))
+        manifest = json.loads((project / "data/tokens/manifest.json").read_text())
+        first = torch.from_file(str(project / "data/tokens" / manifest["train"]["file"]), size=2, dtype=torch.int16)
+        assert first[0].item() == tokenizer.token_to_id("<|begin_of_text|>")
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"tfidf_logreg", "zero_shot"}
+    registered = register(load_params(project / "params.yaml"), project)
+    assert (registered["version"], registered["alias"]) == (1, "champion")
+    assert registered["foundation"]["continued_from"]["sha256"] == source["sha256"]  # the lineage names it
+    texts = ["my invoice shows a double charge", "login fails after password reset"]
+    done = gptpipe("predict", "--model", "bbc@champion", *texts, cwd=project, env=env)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [answer["text"] for answer in answers] == texts
+    for answer in answers:
+        assert set(answer["probs"]) == set(TOPICS) and answer["label"] in TOPICS
+        assert abs(sum(answer["probs"].values()) - 1) < 1e-4

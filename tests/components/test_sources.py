@@ -1,6 +1,10 @@
+import copy
+import json
+import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 
 import boto3
 import polars as pl
@@ -12,7 +16,8 @@ from components.errors import InputError
 from components.ingest import ingest
 from components.params import Params
 from components.sources import read_labeled, read_unlabeled, unlabeled_batches
-from tests.conftest import FOUNDATION, ROOT, support_tickets
+from tests.components.hf_models import save_published
+from tests.conftest import BIN, FOUNDATION, ROOT, TINY_PARAMS, make_project, repro, support_tickets
 
 
 def test_labeled_csv_from_s3(tmp_path, bucket):
@@ -119,7 +124,6 @@ def test_data_sources_change_exactly_when_a_file_does(tmp_path, bucket):
 
 def write_checkpoint(folder, seed: int) -> None:
     """A tiny checkpoint folder of this repository's kind, its weights drawn with `seed`."""
-    import json
     import shutil
 
     import torch
@@ -157,3 +161,56 @@ def test_the_foundation_record_changes_exactly_when_the_checkpoint_does(tmp_path
     moved = source("registry:base@latest")
     assert (moved["version"], by_alias["version"]) == (2, 1) and moved["sha256"] != by_alias["sha256"]
     assert source("scratch") == {"init_from": "scratch"}
+
+
+def rebuilt_folder(tmp_path, hub) -> tuple[str, dict, Callable[[], None]]:
+    folder = tmp_path / "tiny-llama"
+    save_published("llama", folder)
+    return str(folder), {}, lambda: save_published("llama", folder, seed=1)
+
+
+def moved_hub_revision(tmp_path, hub) -> tuple[str, dict, Callable[[], None]]:
+    save_published("llama", tmp_path / "first")
+    hub.publish("tiny-org/tiny-llama", tmp_path / "first")
+    save_published("llama", tmp_path / "second", seed=1)
+    return ("hf:tiny-org/tiny-llama@main", hub.environment(tmp_path / "hub"),
+            lambda: hub.publish("tiny-org/tiny-llama", tmp_path / "second"))
+
+
+def moved_registry_alias(tmp_path, hub) -> tuple[str, dict, Callable[[], None]]:
+    from components.register import register_checkpoint
+
+    folder, registry = tmp_path / "base", str(tmp_path / "registry")
+    write_checkpoint(folder, seed=0)
+    register_checkpoint(registry, "base", folder)
+
+    def register_another() -> None:
+        write_checkpoint(folder, seed=1)
+        register_checkpoint(registry, "base", folder)
+
+    return "registry:base@latest", {}, register_another
+
+
+@pytest.mark.parametrize("foundation", [rebuilt_folder, moved_hub_revision, moved_registry_alias],
+                         ids=["folder-rebuilt", "hub-revision-moved", "registry-alias-moved"])
+def test_tokenize_reruns_when_the_foundation_changes_and_nothing_reruns_when_it_does_not(foundation, tmp_path, hub):
+    """`dvc repro` reruns tokenize (and pretrain after it: both read data/foundation.json) exactly when what
+    `pretrain.init_from` names holds other weights: a folder rebuilt in place, a Hub branch moved to another commit,
+    a registry alias moved to another version."""
+    init_from, env, move = foundation(tmp_path, hub)
+    params = copy.deepcopy(TINY_PARAMS)
+    params["pretrain"]["init_from"] = init_from
+    params["registry"] = {"uri": str(tmp_path / "registry")}
+    project = make_project(tmp_path / "project", params)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GPTPIPE_CACHE": str(tmp_path / "cache"),
+           **env}
+    repro(project, env, "tokenize")
+    first = json.loads((project / "data/foundation.json").read_text())
+    # Unchanged: the sources stage looks again, and nothing after it runs.
+    assert "Running stage 'tokenize'" not in repro(project, env, "tokenize")
+    move()
+    rerun = repro(project, env, "tokenize")
+    assert "Running stage 'tokenize'" in rerun and "Running stage 'ingest'" not in rerun
+    assert json.loads((project / "data/foundation.json").read_text())["sha256"] != first["sha256"]
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert "data/foundation.json" in stages["pretrain"]["deps"]
