@@ -37,11 +37,13 @@ lint: $(STAMP)
 # DVC's site cache (state and index databases) stays in the clone, named in .dvc/config.local by its absolute path:
 # the committed relative one breaks `dvc exp run --queue`, whose copies of the repository resolve it elsewhere.
 # torch is pinned apart from the lock: `pip install torch==2.13.0` takes the CPU build, while a resolver
-# left to itself would pull the multi-GB CUDA one. uv then installs the exact locked versions in seconds.
+# left to itself would pull the multi-GB CUDA one. uv then installs the exact locked versions in seconds, compiled
+# to bytecode once: every stage is a new process, and with PYTHONDONTWRITEBYTECODE set (as in many containers) each
+# would compile Lightning, Prefect and DVC from source again, doubling their import time.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 uv==0.13.9
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(BIN)/dvc config --local core.site_cache_dir $(CURDIR)/.dvc/site
 	touch $@

@@ -56,6 +56,12 @@ def support_tickets(rows_per_label: int = 40, seed: int = 0) -> list[dict]:
     return rows
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end modules first: each takes minutes and runs whole on one test process (--dist=loadfile), so
+    started last they would keep one process busy long after the other has run out of work."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
