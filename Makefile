@@ -15,9 +15,10 @@ run: $(STAMP)
 	$(BIN)/gptpipe run
 
 # Test modules run in parallel processes (up to 4), each module whole in one, each process with its own Prefect
-# and S3 servers: most integration time is spent waiting on servers, workers and subprocesses.
+# and S3 servers: most integration time is spent waiting on servers, workers and subprocesses. Modules go out in
+# the order tests/conftest.py gives them (the long end-to-end ones first), not by their number of tests.
 test: $(STAMP) system-tools
-	$(BIN)/pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile
+	$(BIN)/pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile --no-loadscope-reorder
 
 # Installed with apt-get where this runs as root on Debian/Ubuntu; elsewhere named, with the command to run.
 system-tools:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def report_crash(signal_name: str) -> None:
     show it running on. Best effort, at most REPORT_SECONDS: the API may be gone (a temporary server gets the
     signal too when it is sent to the run's process group) or the interrupted code may hold a lock the client
     needs. It uses the run's own client, already connected."""
+    if "prefect.context" not in sys.modules:  # stopped before the flow loaded: nothing to report
+        return
     from prefect.context import FlowRunContext
     from prefect.states import Crashed
 
@@ -90,17 +93,21 @@ def stop_run(signum: int, _frame) -> None:
 
 
 def own_stop_signals() -> None:
-    """SIGTERM and SIGINT go to stop_run for the whole run. Prefect's flow engine would swap in, for the flow run,
-    a SIGTERM handler of its own that raises into the flow and reports the crash before anything stops; with the
-    API gone (a signal to the run's process group also stops the temporary server) that report retries for
-    minutes, and the run lingers with its stopped children unreaped. `gptpipe run` has no runner to take
-    cancellations through that handler, so the engine is told not to install it."""
+    """SIGTERM and SIGINT go to stop_run for the whole run, from its start."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_run)
+
+
+def keep_prefect_off_sigterm() -> None:
+    """Prefect's flow engine would swap in, for the flow run, a SIGTERM handler of its own that raises into the
+    flow and reports the crash before anything stops; with the API gone (a signal to the run's process group also
+    stops the temporary server) that report retries for minutes, and the run lingers with its stopped children
+    unreaped. `gptpipe run` has no runner to take cancellations through that handler, so the engine is told not
+    to install it."""
     from prefect import flow_engine
 
     if hasattr(flow_engine, "capture_sigterm"):
         flow_engine.capture_sigterm = contextlib.nullcontext
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop_run)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -115,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.stages import StageInputError
 
+    own_stop_signals()
     local = not (os.environ.get("PREFECT_API_URL") or args.push or args.isolate)
     try:
         if local:  # a team's runs are always recorded in its Prefect server
@@ -130,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         from flows.retrain import retrain  # Prefect's import is slow: the server starts meanwhile
 
         hide_bad_input_tracebacks(StageInputError)
-        own_stop_signals()
+        keep_prefect_off_sigterm()
         if server:
             server.wait_until_up(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         result = retrain(params=params, push=args.push, isolate=args.isolate)

@@ -23,7 +23,8 @@ STOP_SECONDS = 10  # the README's promise: SIGTERM ends `gptpipe run` within sec
 REGISTRY = "s3://gptpipe-signals/registry"  # answered by a store that never replies: registration hangs there
 STAGES = ["sources", "ingest", "tokenize", "pretrain", "finetune", "evaluate"]  # dvc.yaml order
 # Per stage: params that keep it busy for minutes (the finished stages before it stay up to date), the output line
-# of that stage, and then the line of its training (Lightning's progress bar); registration talks to the store.
+# of that stage, and then the line of its training (Lightning's progress bar). With every stage done, the run's
+# quick check asks the store whether this classifier is registered already, and waits there.
 LONG = {
     "pretrain": ({"pretrain": {"max_steps": 100000, "checkpoint_every_n_steps": 20}}, "Running stage 'pretrain'",
                  r"Epoch \d+"),
@@ -141,7 +142,7 @@ def sigterm_the_run_group(stage: str, times: int, stages_done, silent_store, tmp
     try:
         if stage == "register":
             while not silent_store.contacted.wait(1):
-                assert run.process.poll() is None, "the run ended before registration:\n" + run.tail()
+                assert run.process.poll() is None, "the run ended before asking the registry:\n" + run.tail()
             time.sleep(1)
         else:
             run.wait_for(training, after=run.wait_for(re.escape(marker)))
