@@ -16,10 +16,9 @@ def registered_without_changes(repo: Path, params: Params) -> dict | None:
     up to date, and the registry's newest version holds this classifier with its promotion decision."""
     if not (repo / "dvc.lock").exists() or changed_leaves(read_raw(repo / PARAMS_FILE), params.model_dump(mode="json")):
         return None
-    order = stage_order(repo)
-    for name in (name for name, always_changed in order if always_changed):
+    watchers = [name for name, always_changed in stage_order(repo) if always_changed]
+    for name in watchers:
         reproduce(repo, name, print, params.team, single=True)
-    watchers = {name for name, always_changed in order if always_changed}
-    if PipelineStatus(repo).stale - watchers:
+    if PipelineStatus(repo).stale - set(watchers):
         return None
     return registered_unchanged(params, repo)
