@@ -1,8 +1,11 @@
 """Shared fixtures: tiny params, a real S3 API server and a real Prefect server on 127.0.0.1."""
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from components.params import Params, to_yaml
@@ -22,6 +26,7 @@ BIN = Path(sys.executable).parent
 # A Prefect server's first start migrates a new database: on two busy cores that can take over a minute.
 SERVER_START_TIMEOUT = 120
 FOUNDATION = Path("models/foundation")
+SHARED_FOLDER = "GPTPIPE_TEST_RUN_FOLDER"
 # Registry downloads are cached per user; keep the suite's apart from the user's own.
 os.environ["GPTPIPE_CACHE"] = tempfile.mkdtemp(prefix="gptpipe-test-cache-")
 
@@ -125,25 +130,61 @@ def bucket(s3_server: str, request) -> str:
     return name
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The main process names a folder that every test process of the run (pytest-xdist workers inherit the
+    environment) shares: the Prefect server is recorded there."""
+    if not hasattr(config, "workerinput"):
+        os.environ[SHARED_FOLDER] = tempfile.mkdtemp(prefix="gptpipe-test-run-")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # a worker: the main process stops the shared server after every worker has finished
+    shared = Path(os.environ.pop(SHARED_FOLDER))
+    record = shared / "prefect-server.json"
+    if record.exists():
+        group = json.loads(record.read_text())["pid"]  # the server leads its own process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and psutil.pid_exists(group):
+                time.sleep(0.2)
+            os.killpg(group, signal.SIGKILL)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory) -> Iterator[str]:
-    """One real Prefect server for the whole test session."""
-    home = tmp_path_factory.mktemp("prefect-home")
+def prefect_api() -> str:
+    """One real Prefect server for the whole test run: the first test process that needs it starts it, the
+    others use it, and the main process stops it at the end (pytest_sessionfinish)."""
+    from filelock import FileLock
+
+    shared = Path(os.environ[SHARED_FOLDER])
+    record = shared / "prefect-server.json"
+    with FileLock(shared / "prefect-server.lock"):
+        if not record.exists():
+            record.write_text(json.dumps(start_prefect_server(shared / "prefect-home")))
+    return json.loads(record.read_text())["api"]
+
+
+def start_prefect_server(home: Path) -> dict:
+    home.mkdir()
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
            # Cancelled runs' subflows are cancelled by this service; its default 20 s loop slows the tests.
            "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": "5"}
-    log = (home / "server.log").open("w")
-    process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    with (home / "server.log").open("w") as log:
+        process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                    str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_for(f"{api}/health", process)
-        yield api
-    finally:
+    except (TimeoutError, RuntimeError):
         stop(process)
+        raise
+    return {"api": api, "pid": process.pid}
 
 
 def make_project(target: Path, params: dict, rows: list[dict] | None = None) -> Path:
@@ -183,8 +224,6 @@ def gptpipe(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
 
 def processes_in(project: Path) -> list:
     """The processes working in `project` (their current folder is in it)."""
-    import psutil
-
     found = []
     for process in psutil.process_iter(["cwd"]):
         if process.info["cwd"] and process.info["cwd"].startswith(str(project)):

@@ -1,5 +1,8 @@
 """Every command the README shows a user (each `.venv/bin/...` line of its sh blocks) runs, in order, in a fresh
-copy of the project after a tiny `make run`, and succeeds: the README cannot drift from the code."""
+copy of the project after a tiny `make run`, succeeds and does what the README says: the README cannot drift from
+the code. DVC's own commands included: `dvc plots show` draws the training curves on a page that needs no network,
+`dvc metrics show` lists the test numbers, an experiment reruns only the stages its param reaches, a queued sweep
+runs and `dvc exp show` lists it with its params and metrics, and `dvc plots diff` compares two experiments."""
 
 import json
 import os
@@ -42,6 +45,9 @@ def test_every_readme_command_works(prefect_api, tmp_path):
     env = {"PREFECT_API_URL": prefect_api}
     first = gptpipe("run", cwd=project, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    # After a run git sees only the lock file DVC writes for the user to commit.
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    assert status.splitlines() == ["?? dvc.lock"]
     pl.DataFrame({"body": ["refund my invoice", "cannot login"]}).write_csv(project / "texts.csv")
     pl.DataFrame({"text": ["the page crashes", "password reset"]}).write_parquet(project / "texts.parquet")
     (project / "corpus").mkdir()
@@ -61,9 +67,8 @@ def test_every_readme_command_works(prefect_api, tmp_path):
 
 def check_output(tool: str, args: list[str], stdout: str, project, shown: dict) -> dict:
     """What a README command must print or leave, beyond its exit status; returns what later checks need."""
-    if tool == "dvc" and args[0] == "repro":  # right after a run nothing changed: only the data check runs
-        assert re.findall(r"Running stage '([^']+)'", stdout) == ["sources"], stdout
-        return {"no-op": True}
+    if tool == "dvc":
+        return check_dvc_output(args, stdout, project)
     if tool != "gptpipe":
         return {}
     if args[0] == "predict" and "--output" not in args:
@@ -82,3 +87,51 @@ def check_output(tool: str, args: list[str], stdout: str, project, shown: dict) 
     if args[:2] == ["registry", "rollback"]:  # back to the champion shown before the promotion
         assert stdout.strip().endswith(f"-> version {shown['champion']}"), stdout
     return {}
+
+
+CURVES = ("train/loss", "train/lr", "train/grad_norm", "val/loss")
+
+
+def check_dvc_output(args: list[str], stdout: str, project) -> dict:
+    ran = set(re.findall(r"Running stage '([^']+)'", stdout)) - {"sources"}  # sources looks every time
+    if args[0] == "repro":  # right after a run nothing changed: only the data check runs
+        assert re.findall(r"Running stage '([^']+)'", stdout) == ["sources"], stdout
+        return {"no-op": True}
+    if args[:2] == ["plots", "show"]:
+        page = (project / "dvc_plots/index.html").read_text()
+        for stage, extra in (("pretrain", "val/perplexity"), ("finetune", "val/macro_f1")):
+            for name in (*CURVES, extra):
+                assert f"reports/curves/{stage}/plots/metrics/{name}.tsv" in page, (stage, name)
+        assert not re.search(r"<script[^>]*\bsrc=", page)  # the Vega libraries are inlined, not fetched
+        assert "vegaEmbed" in page
+    if args[:2] == ["metrics", "show"]:
+        assert "reports/metrics.json" in stdout and "finetune.test.accuracy" in stdout, stdout
+    if args[:2] == ["exp", "run"] and "--queue" not in args and "--run-all" not in args:
+        assert ran == {"finetune", "evaluate"}, stdout[-3000:]
+    if args[:2] == ["exp", "show"]:
+        shown = json.loads(subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=project,
+                                          capture_output=True, text=True, check=True).stdout)
+        rates = {}
+        for name in ("faster", "lr-1", "lr-2", "lr-3"):
+            assert name in stdout, stdout
+            data = experiment(shown, name)["data"]
+            rates[name] = data["params"]["params.yaml"]["data"]["finetune"]["learning_rate"]
+            metrics = data["metrics"]["reports/metrics.json"]["data"]["finetune"]
+            assert 0 <= metrics["test"]["accuracy"] <= 1
+            assert data["metrics"]["reports/curves/finetune/metrics.json"]["data"]["step"] == metrics["steps"]
+        assert rates["faster"] == 0.003 and {rates[f"lr-{i}"] for i in (1, 2, 3)} == {0.0003, 0.001, 0.003}
+    if args[:2] == ["plots", "diff"]:
+        page = (project / "dvc_plots/index.html").read_text()
+        assert "reports/curves/finetune/plots/metrics/train/loss.tsv" in page
+        assert all(f'"rev": "{name}"' in page for name in args[2:]), args
+    return {}
+
+
+def experiment(shown: list[dict], name: str) -> dict:
+    """The record of experiment `name` in `dvc exp show --json`."""
+    for record in shown:
+        for group in record.get("experiments") or []:
+            for rev in group["revs"]:
+                if rev["name"] == name:
+                    return rev
+    raise AssertionError(f"no experiment {name} in {[r.get('name') for r in shown]}")
