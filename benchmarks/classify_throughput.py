@@ -1,5 +1,7 @@
 """Real (non-padding) tokens/s of fine-tuning steps and of classifying, with batches padded to the data set's longest
-text (the reference, as fine-tuning did before) and to each batch's own longest (bucketed by length, as now); and
+text and PyTorch's default AdamW (the reference, as fine-tuning did before) and padded to each batch's own longest
+(bucketed by length), first with the same AdamW and then with the fused one and the precision fine-tuning now
+uses (`auto`: fp32 on a CPU for steps of few tokens); and
 zero-shot texts/s scoring one text per forward (the reference) against a batch of texts per forward. Prints JSON.
 
     python benchmarks/classify_throughput.py --checkpoint models/foundation \
@@ -23,12 +25,11 @@ from components.inference import batches_by_length, load_backbone, pad_windows, 
 from components.model import Classifier
 from components.params import FinetuneParams
 from components.special_tokens import padding_id
-from components.training import cpu_has_fast_bf16
+from components.training import adamw, cpu_has_fast_bf16, resolve_precision
 
 
-def autocast():
-    fast = cpu_has_fast_bf16()
-    return torch.autocast("cpu", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
 
 
 def padded_to(batch: list[torch.Tensor], width: int, chunks: int, pad: int) -> list[torch.Tensor]:
@@ -38,15 +39,16 @@ def padded_to(batch: list[torch.Tensor], width: int, chunks: int, pad: int) -> l
     return [F.pad(ids, grow, value=pad), F.pad(mask, grow, value=0), labels]
 
 
-def train_tokens_per_second(model: Classifier, batches: list[list[torch.Tensor]]) -> float:
+def train_tokens_per_second(model: Classifier, batches: list[list[torch.Tensor]], fused: bool, precision: str) -> float:
     """Timed on a second pass over the batches: the first warms the allocator, the optimizer's state and the
     kernels compiled for each batch shape, which a real fine-tune pays once over many epochs."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    groups = [{"params": list(model.parameters())}]
+    optimizer = adamw(groups, torch.device("cpu"), lr=1e-4) if fused else torch.optim.AdamW(groups, lr=1e-4)
     model.train()
     for _ in range(2):
         started, tokens = time.perf_counter(), 0
         for ids, mask, labels in batches:
-            with autocast():
+            with autocast(precision):
                 loss = F.cross_entropy(model(ids, mask).float(), labels)
             loss.backward()
             optimizer.step()
@@ -61,7 +63,7 @@ def classify_tokens_per_second(model: Classifier, batches: list[tuple[torch.Tens
     for _ in range(2):  # timed on the second pass, as training
         started, tokens = time.perf_counter(), 0
         for ids, mask in batches:
-            with autocast():
+            with autocast(resolve_precision("auto")):
                 model(ids, mask)
             tokens += int(mask.sum())
     return tokens / (time.perf_counter() - started)
@@ -81,9 +83,13 @@ def measure(checkpoint: Path, texts: list[str], steps: int, cfg: FinetuneParams)
     bucketed = [draw([labeled[i] for i in batch]) for batch in ShuffledBuckets(lengths, cfg.batch_size, 0)][:steps]
     set_wide = [padded_to(batch, width, drawn, pad) for batch in bucketed]  # the same texts, padded as before
     state = {key: value.clone() for key, value in model.state_dict().items()}
-    train_before = train_tokens_per_second(model, set_wide)
+    before = resolve_precision("auto")  # what fine-tuning used before: bf16 wherever the CPU runs it fast
+    now = resolve_precision("auto", step_tokens=round(cfg.batch_size * sum(lengths) / len(lengths)))
+    train_before = train_tokens_per_second(model, set_wide, fused=False, precision=before)
     model.load_state_dict(state)
-    train_after = train_tokens_per_second(model, bucketed)
+    train_padded = train_tokens_per_second(model, bucketed, fused=False, precision=before)
+    model.load_state_dict(state)
+    train_after = train_tokens_per_second(model, bucketed, fused=True, precision=now)
     order_batches = [list(range(i, min(i + cfg.batch_size, len(rows)))) for i in range(0, len(rows), cfg.batch_size)]
     eval_before = classify_tokens_per_second(
         model, [padded_to([*pad_windows([rows[i] for i in b], pad, context), None], width, chunks, pad)[:2]
@@ -93,7 +99,9 @@ def measure(checkpoint: Path, texts: list[str], steps: int, cfg: FinetuneParams)
     return {"texts": len(texts), "mean_tokens": round(sum(map(token_count, rows)) / len(rows), 1),
             "longest_window": width, "train_steps": len(bucketed),
             "train_real_tokens_per_second": {"set_wide_padding": round(train_before),
-                                             "per_batch_padding": round(train_after),
+                                             "per_batch_padding": round(train_padded),
+                                             "now_fused_adamw_and_precision": round(train_after),
+                                             "precision": {"before": before, "now": now},
                                              "ratio": round(train_after / train_before, 2)},
             "classify_real_tokens_per_second": {"set_wide_padding": round(eval_before),
                                                 "per_batch_padding": round(eval_after),

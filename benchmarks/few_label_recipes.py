@@ -29,8 +29,9 @@ def named(pairs: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
-def run_cell(prepared: Path, pretrained: Path, overrides: list[str], budget: int | None, test: pl.DataFrame) -> dict:
-    params = load_params("params.yaml", overrides)
+def run_cell(params_file: Path, prepared: Path, pretrained: Path, overrides: list[str], budget: int | None,
+             test: pl.DataFrame) -> dict:
+    params = load_params(params_file, overrides)
     labels = json.loads((prepared / "labels.json").read_text())
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
     # The label-budget runs read labels and tokenizer from it; their models start from `pretrained`.
@@ -88,7 +89,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             for checkpoint, folder in named(args.pretrained).items():
                 for recipe, overrides in recipes.items():
-                    cell = run_cell(args.prepared, Path(folder), [f"seed={seed}", *overrides], budget, test)
+                    cell = run_cell(Path("params.yaml"), args.prepared, Path(folder), [f"seed={seed}", *overrides],
+                                    budget, test)
                     row = {"checkpoint": checkpoint, "recipe": recipe, "budget": budget_name, "seed": seed, **cell}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

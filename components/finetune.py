@@ -41,7 +41,7 @@ from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
 from components.sources import file_sha256
 from components.special_tokens import padding_id
-from components.training import make_trainer, resolve_precision, warmup_cosine
+from components.training import adamw, make_trainer, resolve_precision, warmup_cosine
 
 
 def layer_groups(classifier: Classifier) -> list[list[nn.Parameter]]:
@@ -137,8 +137,7 @@ class TextClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(self.groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                      fused=self.device.type == "cuda")
+        optimizer = adamw(self.groups, self.device, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         if cfg.strategy == "ulmfit":
             def multiplier(step: int) -> float:
                 return slanted_triangular(step, self.total_steps, cfg.cut_frac, cfg.stlr_ratio)
@@ -269,11 +268,12 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     callbacks = [best] if select_on_val else []
     if select_on_val and cfg.patience:
         callbacks.append(EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.patience))
-    trainer = make_trainer(cfg.precision, work_dir, callbacks, curves=curves, max_epochs=epochs,
+    precision = resolve_precision(cfg.precision, step_tokens=round(cfg.batch_size * sum(lengths) / len(lengths)))
+    trainer = make_trainer(precision, work_dir, callbacks, curves=curves, max_epochs=epochs,
                            enable_checkpointing=select_on_val)
     # loop and validate
     trainer.fit(module, train_loader, val_loader)
-    summary = {"strategy": cfg.strategy, "labels": labels, "train_examples": train.height,
+    summary = {"strategy": cfg.strategy, "precision": precision, "labels": labels, "train_examples": train.height,
                "epochs_trained": trainer.current_epoch, "steps": trainer.global_step,
                "train_loss": float(trainer.callback_metrics["train_loss"])}  # the last step's
     if select_on_val:

@@ -31,7 +31,7 @@ from components.memory import check_fits, training_memory
 from components.model import GPT, GPTConfig
 from components.params import Params, PretrainParams, load_params
 from components.registry import open_store
-from components.training import TokenThroughput, make_trainer, resolve_precision, warmup_cosine
+from components.training import TokenThroughput, adamw, make_trainer, resolve_precision, warmup_cosine
 
 RESUME_ROOT = Path(".gptpipe/resume/pretrain")
 
@@ -104,8 +104,7 @@ class LanguageModel(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95),
-                                      fused=self.device.type == "cuda")
+        optimizer = adamw(groups, self.device, lr=cfg["learning_rate"], betas=(0.9, 0.95))
         floor = cfg["min_learning_rate"] / cfg["learning_rate"]
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg["warmup_steps"], cfg["max_steps"], floor))

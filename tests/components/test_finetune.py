@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_model
 from sklearn.utils.class_weight import compute_class_weight
 from tokenizers import Tokenizer
 
+from components import training
 from components.curves import read_curves
 from components.errors import InputError
 from components.finetune import (
@@ -355,3 +356,15 @@ def test_training_batches_group_similar_lengths_and_change_every_epoch():
         assert sorted(i for batch in batches for i in batch) == list(range(64)) and len(batches) == len(sampler)
         assert all(len({lengths[i] for i in batch}) == 1 for batch in batches), "short and long texts mixed"
     assert first != second
+
+
+def test_auto_precision_keeps_steps_of_few_tokens_in_fp32_on_a_cpu(monkeypatch):
+    """bf16 autocast on a CPU with bf16 units only for steps big enough to pay for casting the weights."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    assert training.resolve_precision("auto", step_tokens=16 * 15) == "32-true"
+    assert training.resolve_precision("auto", step_tokens=16 * 256) == "bf16-mixed"
+    assert training.resolve_precision("auto") == "bf16-mixed"  # pre-training: full windows
+    assert training.resolve_precision("bf16-mixed", step_tokens=16) == "bf16-mixed"  # asked for, kept
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    assert training.resolve_precision("auto", step_tokens=16 * 256) == "32-true"
