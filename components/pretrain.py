@@ -104,7 +104,8 @@ class LanguageModel(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = adamw(groups, self.device, lr=cfg["learning_rate"], betas=(0.9, 0.95))
+        clipped_in_mixed_precision = bool(cfg["grad_clip"]) and "mixed" in str(self.trainer.precision)
+        optimizer = adamw(groups, self.device, clipped_in_mixed_precision, lr=cfg["learning_rate"], betas=(0.9, 0.95))
         floor = cfg["min_learning_rate"] / cfg["learning_rate"]
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg["warmup_steps"], cfg["max_steps"], floor))

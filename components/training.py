@@ -51,10 +51,14 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw(groups: list[dict], device: torch.device, **settings: Any) -> torch.optim.AdamW:
+def adamw(groups: list[dict], device: torch.device, clipped_in_mixed_precision: bool = False,
+          **settings: Any) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel on the devices that have one (CPU and CUDA): the default implementation
-    loops over the parameters in Python, which on short-text batches costs more than the forward and backward."""
-    return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **settings)
+    loops over the parameters in Python, which on short-text batches costs more than the forward and backward.
+    Lightning cannot clip a fused optimizer's gradients under mixed precision (it unscales them inside its step),
+    so such a run keeps the default implementation."""
+    fused = device.type in ("cpu", "cuda") and not clipped_in_mixed_precision
+    return torch.optim.AdamW(groups, fused=fused, **settings)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -120,6 +120,18 @@ def rerun_and_check_resumed(project, env, command) -> None:
         torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-5)
 
 
+def test_mixed_precision_with_gradient_clipping_trains(tokenized):
+    """bf16-mixed with grad_clip, as `precision: auto` runs on bf16 hardware (the fused AdamW cannot be clipped)."""
+    project, env = tokenized
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"].update(precision="bf16-mixed", max_steps=2, grad_clip=1.0)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "components.pretrain"], cwd=project, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((project / "models/pretrained/metrics.json").read_text())["steps"] == 2
+
+
 def test_sigkill_mid_run_resumes_from_last_checkpoint_and_continues_its_curves(tokenized):
     project, env = tokenized
 
