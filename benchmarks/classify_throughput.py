@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from components.evaluate import label_logprobs, label_token_ids, prompted_guesses
-from components.finetune import DrawWindows, ShuffledBuckets
+from components.finetune import DrawWindows, ShuffledBuckets, training_precision
 from components.inference import batches_by_length, load_backbone, pad_windows, text_windows, token_count
 from components.model import Classifier
 from components.params import FinetuneParams
@@ -84,7 +84,7 @@ def measure(checkpoint: Path, texts: list[str], steps: int, cfg: FinetuneParams)
     set_wide = [padded_to(batch, width, drawn, pad) for batch in bucketed]  # the same texts, padded as before
     state = {key: value.clone() for key, value in model.state_dict().items()}
     before = resolve_precision("auto")  # what fine-tuning used before: bf16 wherever the CPU runs it fast
-    now = resolve_precision("auto", step_tokens=round(cfg.batch_size * sum(lengths) / len(lengths)))
+    now = training_precision(cfg, lengths)
     train_before = train_tokens_per_second(model, set_wide, fused=False, precision=before)
     model.load_state_dict(state)
     train_padded = train_tokens_per_second(model, bucketed, fused=False, precision=before)

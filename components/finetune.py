@@ -221,6 +221,11 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
     return math.ceil(cfg.steps_per_sqrt_example * math.sqrt(examples) / steps_per_epoch)
 
 
+def training_precision(cfg: FinetuneParams, lengths: list[int]) -> str:
+    """finetune.precision, with `auto` judged on the real tokens of an average training step."""
+    return resolve_precision(cfg.precision, step_tokens=round(cfg.batch_size * sum(lengths) / len(lengths)))
+
+
 def check_memory(config: GPTConfig, cfg: FinetuneParams, classes: int) -> None:
     """Stop before any weights load when a training step of the strategy cannot fit in the memory free where it
     would run."""
@@ -268,7 +273,7 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     callbacks = [best] if select_on_val else []
     if select_on_val and cfg.patience:
         callbacks.append(EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.patience))
-    precision = resolve_precision(cfg.precision, step_tokens=round(cfg.batch_size * sum(lengths) / len(lengths)))
+    precision = training_precision(cfg, lengths)
     trainer = make_trainer(precision, work_dir, callbacks, curves=curves, max_epochs=epochs,
                            enable_checkpointing=select_on_val)
     # loop and validate

@@ -144,12 +144,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     record = shared / "prefect-server.json"
     if record.exists():
         group = json.loads(record.read_text())["pid"]  # the server leads its own process group
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            server = psutil.Process(group)
             os.killpg(group, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and psutil.pid_exists(group):
-                time.sleep(0.2)
-            os.killpg(group, signal.SIGKILL)
+            with contextlib.suppress(psutil.TimeoutExpired):
+                server.wait(timeout=15)  # reaps it too when this process started it (no pytest-xdist)
+            os.killpg(group, signal.SIGKILL)  # whatever of its group is left
     shutil.rmtree(shared, ignore_errors=True)
 
 
