@@ -3,7 +3,10 @@ continuing each of several foundation checkpoints (e.g. after a quarter, all and
 text with the default recipe, then fine-tuning over several seeds (each draws another labeled sample and training
 order, on the same split), TF-IDF on the same labels beside it; prints JSON.
 
-    python benchmarks/foundation_curve.py --foundation PATH... [--seeds 1 2 3] [--only trec]
+    python benchmarks/foundation_curve.py --foundation PATH... [--task-only] [--seeds 1 2 3] [--only trec]
+
+`--task-only` adds the curve's point at no foundation tokens: pre-training on the task's text alone, at the same
+step budget, as `benchmarks/devsets.py` runs it.
 """
 
 import argparse
@@ -17,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-from devsets import ROOT, make_project, write_params  # the script folder is on sys.path
+from devsets import RECIPES, ROOT, make_project, write_params  # the script folder is on sys.path
 from few_label_recipes import run_cell, tfidf_cell
 
 LABELS_PER_CLASS = 10
@@ -48,26 +51,35 @@ def ten_per_class(project: Path, seeds: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--foundation", type=Path, nargs="+", required=True)
+    parser.add_argument("--foundation", type=Path, nargs="*", default=[])
+    parser.add_argument("--task-only", action="store_true", help="add the point at no foundation tokens")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--devsets", type=Path, default=ROOT.parent / "shared/devsets")
     parser.add_argument("--only", nargs="*", default=[], help="dev set names besides BBC News (default: none)")
     args = parser.parse_args()
+    points = [(str(foundation), foundation) for foundation in args.foundation]
+    if args.task_only:
+        points.append(("task-only", None))
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptpipe-curve-") as workdir:
-        for foundation in args.foundation:
-            metrics = json.loads((foundation / "metrics.json").read_text())
+        for label, foundation in points:
             for name in ["bbc_news", *args.only]:
-                project = make_project(Path(workdir) / f"{foundation.name}-{name}")
-                shutil.rmtree(project / "models/foundation")
-                shutil.copytree(foundation, project / "models/foundation")
-                write_params(project, [] if name == "bbc_news" else [
-                    f"data.labeled.path={args.devsets / name / 'train.csv'}",
-                    f"data.test.path={args.devsets / name / 'test.csv'}"])
+                project = make_project(Path(workdir) / f"{Path(label).name}-{name}")
+                overrides = [] if name == "bbc_news" else [f"data.labeled.path={args.devsets / name / 'train.csv'}",
+                                                           f"data.test.path={args.devsets / name / 'test.csv'}"]
+                if foundation is None:
+                    overrides += RECIPES["task_only"]
+                else:
+                    shutil.rmtree(project / "models/foundation")
+                    shutil.copytree(foundation, project / "models/foundation")
+                write_params(project, overrides)
                 continue_foundation(project)
-                rows.append({"foundation": str(foundation), "foundation_tokens": metrics["tokens_seen"],
-                             "foundation_val_perplexity": round(metrics["val_perplexity"], 1), "dataset": name,
-                             f"at_{LABELS_PER_CLASS}_per_class": ten_per_class(project, args.seeds)})
+                row = {"foundation": label, "foundation_tokens": 0, "dataset": name}
+                if foundation is not None:
+                    metrics = json.loads((foundation / "metrics.json").read_text())
+                    row |= {"foundation_tokens": metrics["tokens_seen"],
+                            "foundation_val_perplexity": round(metrics["val_perplexity"], 1)}
+                rows.append({**row, f"at_{LABELS_PER_CLASS}_per_class": ten_per_class(project, args.seeds)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     print(json.dumps(rows, indent=2))
 
