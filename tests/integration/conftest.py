@@ -21,8 +21,9 @@ def silent_store():
 @pytest.fixture(scope="module")
 def stages_done(tmp_path_factory, silent_store) -> tuple[Path, dict]:
     """A project whose stages have all run (tiny params, the registry on the silent store), and the environment
-    of a run in it: no PREFECT_API_URL, so each run starts a temporary Prefect server, in the run's process group
-    as `gptpipe run` starts it; one Prefect home for the module, so only the first run migrates its database."""
+    of a run in it: no PREFECT_API_URL, so a run starts a temporary Prefect server, in the run's process group as
+    `gptpipe run` starts it, unless the test names one; one Prefect home for the module, so only the first run
+    migrates its database."""
     params = {**copy.deepcopy(TINY_PARAMS), "registry": {"uri": REGISTRY}}
     path = make_project(tmp_path_factory.mktemp("signals") / "project", params)
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}

@@ -128,10 +128,13 @@ def lingering(run_pid: int, started: list[psutil.Process], project: Path) -> lis
     return describe(left)
 
 
-def sigterm_the_run_group(stage: str, times: int, stages_done, silent_store, tmp_path) -> None:
-    """SIGTERM to the run's process group, as a Prefect process worker cancels a run: its temporary Prefect server
-    gets it too."""
+def sigterm_the_run_group(stage: str, times: int, stages_done, silent_store, tmp_path,
+                          prefect_api: str | None = None) -> None:
+    """SIGTERM to the run's process group, as a Prefect process worker cancels a run. Without `prefect_api` the run
+    starts its temporary Prefect server, which is in the group and gets the signal too."""
     base, env = stages_done
+    if prefect_api:
+        env = {**env, "PREFECT_API_URL": prefect_api}
     path = tmp_path / "project"
     shutil.copytree(base, path, symlinks=True)
     params, marker, training = LONG[stage]

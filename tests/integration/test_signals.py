@@ -39,8 +39,11 @@ def project(tmp_path, prefect_api):
 @pytest.mark.parametrize("times", [1, 2], ids=["sigterm", "sigterm-twice"])
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_sigterm_to_the_run_group_ends_it_within_10_s_leaving_nothing(stage, times, stages_done, silent_store,
-                                                                      tmp_path):
-    sigterm_the_run_group(stage, times, stages_done, silent_store, tmp_path)
+                                                                      tmp_path, prefect_api):
+    # Pre-training's cases run with the run's temporary Prefect server in the group; the later stages' cases with
+    # the test run's server (a temporary one costs each run a server start).
+    sigterm_the_run_group(stage, times, stages_done, silent_store, tmp_path,
+                          None if stage == "pretrain" else prefect_api)
 
 
 def test_sigterm_to_the_run_ends_it_within_10_s_and_marks_the_flow_run_crashed(stages_done, prefect_api, tmp_path):
