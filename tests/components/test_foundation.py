@@ -73,6 +73,24 @@ def test_the_foundation_tokenizer_never_sees_its_held_out_documents(tmp_path):
     assert "Note" in vocab  # the training side did shape it
 
 
+def test_a_source_with_too_little_held_out_text_is_left_out_of_the_per_source_perplexity(corpus, tmp_path):
+    """A source whose held-out share is shorter than one window gets no perplexity: the metrics stay strict JSON
+    (no NaN) and the card says why its cell is empty."""
+    short = next(text for text in (f"Fig {i}." for i in range(1000)) if is_held_out(text, 0.1))
+    facts = [text for text in (f"Fact {i}: the river is long and the hills are green." for i in range(300))
+             if not is_held_out(text, 0.1)]
+    pl.DataFrame({"text": [*facts, short]}).write_parquet(corpus / "facts-00000.parquet")
+    summary = build([str(corpus / "*")], tmp_path / "out", tmp_path / "work", max_steps=1)
+    assert 0 < summary["corpus"]["facts"]["held_out_tokens"] <= TINY_FOUNDATION["model"]["context_length"]
+    assert set(summary["val_perplexity_per_source"]) == {"tickets", "notes"}
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in metrics.json")
+
+    json.loads((tmp_path / "out/metrics.json").read_text(), parse_constant=refuse)
+    assert "| too little held out |" in (tmp_path / "out/MODEL_CARD.md").read_text()
+
+
 def test_foundation_from_local_s3_and_fsspec_shards(corpus, tmp_path, bucket):
     local = build([str(corpus / "*")], tmp_path / "local", tmp_path / "work-local")
     out = tmp_path / "local"
