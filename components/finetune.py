@@ -228,9 +228,9 @@ def training_precision(cfg: FinetuneParams, lengths: list[int]) -> str:
 
 def check_memory(config: GPTConfig, cfg: FinetuneParams, classes: int) -> None:
     """Stop before any weights load when a training step of the strategy cannot fit in the memory free where it
-    would run."""
-    precision = resolve_precision(cfg.precision)
+    would run: the largest step, every window full (and `auto` precision judged on that step)."""
     windows = cfg.train_windows or cfg.max_chunks
+    precision = resolve_precision(cfg.precision, step_tokens=cfg.batch_size * windows * config.context_length)
     need = training_memory(config, precision, cfg.batch_size * windows, cfg.strategy, cfg.lora_rank, classes,
                            lm_loss=cfg.aux_lm_weight > 0)
     fixes = ["use finetune.strategy=lora"] if cfg.strategy in ("full", "ulmfit") else []
