@@ -8,15 +8,18 @@ import json
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from components.bootstrap import paired_difference_intervals, resampled_class_scores
 from components.held_out import normalise
-from components.inference import LoadedClassifier, load_classifier
 from components.params import Params
 from components.registry import CHALLENGER, CHAMPION, Registry, moved_to
+
+if TYPE_CHECKING:  # torch is imported only when models are scored: every run's process imports this module
+    from components.inference import LoadedClassifier
 
 
 def split_digest(test: pl.DataFrame) -> dict:
@@ -26,7 +29,7 @@ def split_digest(test: pl.DataFrame) -> dict:
             "sha256": hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()}
 
 
-def predicted_labels(model: LoadedClassifier, texts: list[str]) -> list[str]:
+def predicted_labels(model: "LoadedClassifier", texts: list[str]) -> list[str]:
     return [model.labels[i] for i in model.predict_logits(texts).argmax(dim=-1).tolist()]
 
 
@@ -116,7 +119,9 @@ class Gate:
         self.champions: dict[int, tuple[list[str], dict | None]] = {}
 
     @cached_property
-    def model(self) -> LoadedClassifier:
+    def model(self) -> "LoadedClassifier":
+        from components.inference import load_classifier
+
         return load_classifier(self.classifier)
 
     @cached_property
@@ -128,6 +133,8 @@ class Gate:
         sets differ)."""
         version = champion["version"]
         if version not in self.champions:
+            from components.inference import load_classifier
+
             model = load_classifier(self.registry.fetch(champion))
             comparison = None
             if set(model.labels) == set(self.model.labels):
