@@ -23,6 +23,8 @@ from components.params import Params, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The test oracles (transformers) are on this process' path only, not the stages' (see the Makefile).
+sys.path.append(str(Path(sys.prefix) / "oracles"))
 # A Prefect server's first start migrates a new database: on two busy cores that can take over a minute.
 SERVER_START_TIMEOUT = 120
 FOUNDATION = Path("models/foundation")
