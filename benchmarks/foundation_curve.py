@@ -3,7 +3,9 @@ continuing each of several foundation checkpoints (e.g. after a quarter, all and
 text with the default recipe, then fine-tuning over several seeds (each draws another labeled sample and training
 order, on the same split), TF-IDF on the same labels beside it; prints JSON.
 
-    python benchmarks/foundation_curve.py --foundation PATH... [--task-only] [--seeds 1 2 3] [--only trec]
+    python benchmarks/foundation_curve.py --foundation PATH... [--task-only] [--seeds 1 2 3] [--only trec] \
+        [--plot docs/foundation_curve.png]
+    python benchmarks/foundation_curve.py --rows OUTPUT.json --plot docs/foundation_curve.png   # redraw only
 
 `--task-only` adds the curve's point at no foundation tokens: pre-training on the task's text alone, at the same
 step budget, as `benchmarks/devsets.py` runs it.
@@ -22,6 +24,8 @@ from pathlib import Path
 import polars as pl
 from devsets import RECIPES, ROOT, make_project, write_params  # the script folder is on sys.path
 from few_label_recipes import run_cell, tfidf_cell
+
+from components.figures import plt, save_figure
 
 LABELS_PER_CLASS = 10
 
@@ -49,6 +53,28 @@ def ten_per_class(project: Path, seeds: list[int]) -> dict:
             "seeds": cells}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Mean 10-label accuracy (the seeds' range as bars) against foundation tokens, TF-IDF on the same labels."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    key = f"at_{LABELS_PER_CLASS}_per_class"
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        points = sorted((row for row in rows if row["dataset"] == dataset), key=lambda row: row["foundation_tokens"])
+        tokens = [row["foundation_tokens"] / 1e6 for row in points]
+        accuracies = [[seed["accuracy"] for seed in row[key]["seeds"]] for row in points]
+        means = [row[key]["mean_accuracy"] for row in points]
+        ax.errorbar(tokens, means, yerr=[[m - min(a) for m, a in zip(means, accuracies, strict=True)],
+                                         [max(a) - m for m, a in zip(means, accuracies, strict=True)]],
+                    marker="o", capsize=4, label=f"{dataset}: fine-tuned GPT")
+        ax.plot(tokens, [row[key]["tfidf_mean_accuracy"] for row in points], linestyle="--",
+                label=f"{dataset}: TF-IDF, same labels")
+    ax.set_xlabel("foundation pre-training tokens (millions; 0 = the task's text only)")
+    ax.set_ylabel(f"test accuracy, {LABELS_PER_CLASS} labels per class")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--foundation", type=Path, nargs="*", default=[])
@@ -56,7 +82,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--devsets", type=Path, default=ROOT.parent / "shared/devsets")
     parser.add_argument("--only", nargs="*", default=[], help="dev set names besides BBC News (default: none)")
+    parser.add_argument("--plot", type=Path, help="draw the curve to this PNG")
+    parser.add_argument("--rows", type=Path, help="an earlier run's output: draw it, run nothing")
     args = parser.parse_args()
+    if args.rows:
+        if not args.plot:
+            parser.error("--rows draws an earlier output: name the PNG with --plot")
+        plot(json.loads(args.rows.read_text()), args.plot)
+        return
     points = [(str(foundation), foundation) for foundation in args.foundation]
     if args.task_only:
         points.append(("task-only", None))
@@ -82,6 +115,8 @@ def main() -> None:
                 rows.append({**row, f"at_{LABELS_PER_CLASS}_per_class": ten_per_class(project, args.seeds)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     print(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":
