@@ -10,6 +10,7 @@ A recipe is NAME=OVERRIDE[,OVERRIDE...] on top of params.yaml (`--set` syntax); 
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -38,7 +39,8 @@ def run_cell(params_file: Path, prepared: Path, pretrained: Path, overrides: lis
     untrained = Classifier(load_backbone(pretrained), len(labels), params.finetune.pooling)
     reader = LoadedClassifier(untrained, tokenizer, labels, 1.0, params.finetune.max_chunks)
     started = time.perf_counter()
-    result = LabelEfficiency(params, prepared, pretrained, reader, test).score("pretrained", budget)
+    with contextlib.redirect_stdout(sys.stderr):  # training's progress and notes: stdout holds only the JSON
+        result = LabelEfficiency(params, prepared, pretrained, reader, test).score("pretrained", budget)
     return {"accuracy": round(result["test"]["accuracy"], 4), "macro_f1": round(result["test"]["macro_f1"], 4),
             "epochs": result["epochs"], "seconds": round(time.perf_counter() - started, 1)}
 
