@@ -16,11 +16,13 @@ SYSTEM_TOOLS := chromium docker-compose
 run: $(STAMP)
 	$(BIN)/gptpipe run
 
-# Test modules run in parallel processes (up to 4), each module whole in one, each process with its own Prefect
-# and S3 servers: most integration time is spent waiting on servers, workers and subprocesses. Modules go out in
-# the order tests/conftest.py gives them (the long end-to-end ones first), not by their number of tests.
+# Test modules run in parallel processes, one more than the cores (up to 4), each module whole in one; the
+# processes share one Prefect server, each has its own S3 server. The end-to-end tests spend part of their time
+# waiting on servers, workers and polls, so a third process on two cores keeps them busy. Modules go out in the
+# order tests/conftest.py gives them (the long end-to-end ones first), not by their number of tests.
+TEST_PROCESSES := $(shell echo $$(( $$(nproc) + 1 )))
 test: $(STAMP) $(ORACLES)/.installed system-tools
-	$(BIN)/pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile --no-loadscope-reorder
+	$(BIN)/pytest --numprocesses=$(TEST_PROCESSES) --maxprocesses=4 --dist=loadfile --no-loadscope-reorder
 
 # Installed with apt-get where this runs as root on Debian/Ubuntu; elsewhere named, with the command to run.
 system-tools:
