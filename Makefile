@@ -20,7 +20,7 @@ run: $(STAMP)
 # processes share one Prefect server, each has its own S3 server. The end-to-end tests spend part of their time
 # waiting on servers, workers and polls, so a third process on two cores keeps them busy. Modules go out in the
 # order tests/conftest.py gives them (the long end-to-end ones first), not by their number of tests.
-TEST_PROCESSES := $(shell echo $$(( $$(nproc) + 1 )))
+TEST_PROCESSES := $(shell echo $$(( $$(getconf _NPROCESSORS_ONLN) + 1 )))
 test: $(STAMP) $(ORACLES)/.installed system-tools
 	$(BIN)/pytest --numprocesses=$(TEST_PROCESSES) --maxprocesses=4 --dist=loadfile --no-loadscope-reorder
 

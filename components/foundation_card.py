@@ -4,7 +4,7 @@ it predicts each source's held-out text."""
 from components.model import GPTConfig
 
 
-def held_out_perplexity(summary: dict, source: str) -> str:
+def perplexity_cell(summary: dict, source: str) -> str:
     perplexity = summary["val_perplexity_per_source"].get(source)
     return "too little held out" if perplexity is None else f"{perplexity:.1f}"
 
@@ -14,7 +14,7 @@ def model_card(summary: dict, config: GPTConfig) -> str:
     rows = "\n".join(
         f"| {source} | {row['licence']} | {row['files']} | {row['documents']:,} | {row['bytes'] / 1e6:,.1f} | "
         f"{row['train_tokens']:,} | {row.get('held_out_tokens', 0):,} | "
-        f"{held_out_perplexity(summary, source)} |"
+        f"{perplexity_cell(summary, source)} |"
         for source, row in sorted(corpus.items()))
     continued = summary["continued_from"]
     history = (f"Continued from {continued['name']} ({continued.get('version') or continued.get('path')}); "

@@ -18,7 +18,7 @@ from components.held_out import normalise
 from components.params import Params
 from components.registry import CHALLENGER, CHAMPION, Registry, moved_to
 
-if TYPE_CHECKING:  # torch is imported only when models are scored: every run's process imports this module
+if TYPE_CHECKING:
     from components.inference import LoadedClassifier
 
 
@@ -27,6 +27,14 @@ def split_digest(test: pl.DataFrame) -> dict:
     pairs = sorted(zip(map(normalise, test["text"].to_list()), test["label"].to_list(), strict=True))
     return {"texts": test.height,
             "sha256": hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()}
+
+
+def loaded(folder: Path) -> "LoadedClassifier":
+    """The classifier in `folder`. torch is imported here, when a model is scored, not with this module: every
+    run's and flow's process imports it."""
+    from components.inference import load_classifier
+
+    return load_classifier(folder)
 
 
 def predicted_labels(model: "LoadedClassifier", texts: list[str]) -> list[str]:
@@ -120,9 +128,7 @@ class Gate:
 
     @cached_property
     def model(self) -> "LoadedClassifier":
-        from components.inference import load_classifier
-
-        return load_classifier(self.classifier)
+        return loaded(self.classifier)
 
     @cached_property
     def predicted(self) -> list[str]:
@@ -133,9 +139,7 @@ class Gate:
         sets differ)."""
         version = champion["version"]
         if version not in self.champions:
-            from components.inference import load_classifier
-
-            model = load_classifier(self.registry.fetch(champion))
+            model = loaded(self.registry.fetch(champion))
             comparison = None
             if set(model.labels) == set(self.model.labels):
                 comparison = {**paired_comparison(self.truth, self.predicted, predicted_labels(model, self.texts),
