@@ -360,8 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    exit_on_input_error(lambda: args.handler(args))
+    try:
+        args = build_parser().parse_args(argv)
+        exit_on_input_error(lambda: args.handler(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left early (`gptpipe registry show ... | head`): end quietly with a shell tool's status;
+        # stdout goes to /dev/null so that the interpreter's last flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,17 @@ def test_help_lists_every_verb():
     assert all(verb in out for verb in verbs)
 
 
+def test_a_reader_that_leaves_early_ends_the_cli_quietly(tmp_path):
+    """`gptpipe registry list | head`: the pipe's reader is gone before the output is written."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    with os.fdopen(writer, "wb") as closed_pipe:
+        done = subprocess.run([str(BIN / "gptpipe"), "registry", "list", "--registry", str(tmp_path)],
+                              stdout=closed_pipe, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
+
+
 def test_bad_override_exits_2_with_one_line(tmp_path):
     done = subprocess.run([str(BIN / "gptpipe"), "run", "--set", "model.n_head=3"], cwd=ROOT, capture_output=True,
                           text=True)
