@@ -20,10 +20,11 @@ from pathlib import Path
 import polars as pl
 from tokenizers import Tokenizer
 
-from components.evaluate import LabelEfficiency, per_class_sample, scores, tfidf_logreg
+from components.evaluate import LabelEfficiency, per_class_sample, scores
 from components.inference import LoadedClassifier, load_backbone
 from components.model import Classifier
 from components.params import load_params
+from components.tfidf import tfidf_logreg
 
 
 def named(pairs: list[str]) -> dict[str, str]:

@@ -20,8 +20,6 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     ConfusionMatrixDisplay,
     accuracy_score,
@@ -37,11 +35,12 @@ from components.bootstrap import bootstrap_intervals
 from components.curves import plot_curves
 from components.errors import InputError, exit_on_input_error
 from components.figures import save_figure
-from components.finetune import finetune
+from components.finetune import finetune_and_self_train
 from components.inference import LoadedClassifier, load_backbone, load_classifier
 from components.model import GPT, Classifier, KeyValues
 from components.model_card import model_card
 from components.params import Params, load_params
+from components.tfidf import tfidf_logreg
 
 LABEL_PROMPT = "\nThis text is about"  # the label name follows
 SHOT_END = "\n\n"  # after each labeled demonstration of a few-shot prompt
@@ -100,13 +99,6 @@ def confident_mistakes(test: pl.DataFrame, probs: torch.Tensor, labels: list[str
         text = (words[:160] + ("..." if len(words) > 160 else "")).replace("|", "\\|")
         lines.append(f"| {confidence[i].item():.3f} | {truth[i]} | {labels[predicted[i]]} | {text} |")
     return "\n".join(lines) + "\n"
-
-
-def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str]:
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
-    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
-    model.fit(vectorizer.fit_transform(train["text"].to_list()), train["label"].to_list())
-    return model.predict(vectorizer.transform(test["text"].to_list())).tolist()
 
 
 @torch.no_grad()
@@ -221,19 +213,6 @@ def few_shot_prompt(tokenizer: Tokenizer, train: pl.DataFrame, labels: list[str]
     return FewShotPrompt(ids, rounds, text_tokens)
 
 
-def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int,
-                   agreeing: list[str] | None = None) -> pl.DataFrame:
-    """Up to `per_class` of `texts` for each label, those the classifier is surest of, with its labels; with
-    `agreeing` (another model's labels for the same texts), only texts where both models agree."""
-    confidence, predicted = reader.predict_proba(texts).max(dim=-1)
-    guesses = pl.DataFrame({"text": texts, "label": [reader.labels[i] for i in predicted.tolist()],
-                            "confidence": confidence.tolist()})
-    if agreeing is not None:
-        guesses = guesses.filter(pl.col("label") == pl.Series(agreeing))
-    return (guesses.sort("confidence", descending=True, maintain_order=True)
-            .group_by("label", maintain_order=True).head(per_class).select("text", "label"))
-
-
 def per_class_sample(train: pl.DataFrame, labels: list[str], count: int, seed: int) -> pl.DataFrame:
     """Up to `count` rows of each label, chosen by seed; a smaller budget is a subset of a larger one."""
     return pl.concat([train.filter(pl.col("label") == label).sample(fraction=1.0, shuffle=True, seed=seed).head(count)
@@ -259,24 +238,12 @@ class LabelEfficiency:
         print(f"evaluate: fine-tuning the {init} model on {per_class or 'all'} labels per class", flush=True)
         train = None if per_class is None else per_class_sample(self.train, labels, per_class, params.seed)
         model, summary = self.finetune_from(init, train)
-        pseudo_labeled = 0
-        if train is not None and params.finetune.pseudo_labels:
-            # Self-training: the model labels the train split's other texts, and its surest guesses join the labels.
-            unlabeled = self.train.join(train.select("text"), on="text", how="anti")
-            reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
-            second_view = (tfidf_logreg(train, unlabeled, params.seed) if params.finetune.pseudo_label_agreement
-                           else None)
-            guessed = most_confident(reader, unlabeled["text"].to_list(), per_class * params.finetune.pseudo_labels,
-                                     second_view)
-            print(f"evaluate: self-training the {init} model with {guessed.height} pseudo-labeled texts", flush=True)
-            model, summary = self.finetune_from(init, pl.concat([train, guessed]))
-            pseudo_labeled = guessed.height
         reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
         predicted = [labels[i] for i in reader.predict_logits(self.test["text"].to_list()).argmax(-1).tolist()]
         result = {"test": scores(self.test["label"].to_list(), predicted, labels, params.evaluate.bootstrap_samples,
                                  params.seed),
-                  "labels_per_class": per_class, "train_examples": summary["train_examples"] - pseudo_labeled,
-                  "pseudo_labeled": pseudo_labeled,
+                  "labels_per_class": per_class, "train_examples": summary["train_examples"],
+                  "pseudo_labeled": summary["pseudo_labeled"],
                   "epochs": summary["epochs_trained"]}
         self.runs[(init, per_class)] = result
         return result
@@ -284,13 +251,14 @@ class LabelEfficiency:
     def finetune_from(self, init: str, train: pl.DataFrame | None) -> tuple[Classifier, dict]:
         """`init` weights fine-tuned on `train`; few labels (not None) train without val labels and keep the last
         epoch."""
-        torch.manual_seed(self.params.seed)
-        backbone = load_backbone(self.pretrained)
-        if init == "scratch":
-            backbone = GPT(backbone.config)
+        def initial() -> GPT:
+            torch.manual_seed(self.params.seed)
+            backbone = load_backbone(self.pretrained)
+            return GPT(backbone.config) if init == "scratch" else backbone
+
         with tempfile.TemporaryDirectory(prefix=f"gptpipe-{init}-") as work_dir:
-            return finetune(self.params, self.prepared, backbone, self.reader.tokenizer, Path(work_dir), train,
-                            select_on_val=train is None)
+            return finetune_and_self_train(self.params, self.prepared, initial, self.reader.tokenizer, Path(work_dir),
+                                           train, select_on_val=train is None)
 
     def curve(self, finetuned: dict) -> list[dict]:
         rows = []

@@ -9,6 +9,8 @@ import json
 import math
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +29,9 @@ from components import layout
 from components.atomic import atomic_dir
 from components.curves import publish_curves
 from components.errors import exit_on_input_error
+from components.held_out import HeldOutTexts
 from components.inference import (
+    LoadedClassifier,
     Windows,
     batches_by_length,
     classify_windows,
@@ -39,8 +43,9 @@ from components.inference import (
 from components.memory import check_fits, training_memory
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
-from components.sources import file_sha256
+from components.sources import file_sha256, unlabeled_batches
 from components.special_tokens import padding_id
+from components.tfidf import tfidf_logreg
 from components.training import adamw, make_trainer, resolve_precision, warmup_cosine
 
 
@@ -297,6 +302,67 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     return classifier, summary
 
 
+def most_confident(reader: LoadedClassifier, texts: list[str], per_class: int,
+                   agreeing: list[str] | None = None) -> pl.DataFrame:
+    """Up to `per_class` of `texts` for each label, those the classifier is surest of, with its labels; with
+    `agreeing` (another model's labels for the same texts), only texts where both models agree."""
+    confidence, predicted = reader.predict_proba(texts).max(dim=-1)
+    guesses = pl.DataFrame({"text": texts, "label": [reader.labels[i] for i in predicted.tolist()],
+                            "confidence": confidence.tolist()})
+    if agreeing is not None:
+        guesses = guesses.filter(pl.col("label") == pl.Series(agreeing))
+    return (guesses.sort("confidence", descending=True, maintain_order=True)
+            .group_by("label", maintain_order=True).head(per_class).select("text", "label"))
+
+
+def self_training_pool(params: Params, prepared: Path, labeled: pl.DataFrame) -> list[str]:
+    """The task's texts without labels, at most `finetune.pseudo_label_pool`: the train split's texts outside
+    `labeled`, those whose labels `data.labels_per_class` held back, then `data.unlabeled.paths` without
+    validation or test text (as pre-training reads them)."""
+    limit = params.finetune.pseudo_label_pool
+    train = pl.concat([pl.read_parquet(prepared / "train.parquet", columns=["text"]),
+                       pl.read_parquet(prepared / "unlabeled.parquet", columns=["text"])])
+    pool = train.join(labeled.select("text"), on="text", how="anti", maintain_order="left")["text"].to_list()[:limit]
+    unlabeled = params.data.unlabeled
+    if len(pool) < limit and unlabeled.paths:
+        held_out = HeldOutTexts(text for split in ("val", "test")
+                                for text in pl.read_parquet(prepared / f"{split}.parquet")["text"].to_list())
+        counts: Counter = Counter()
+        for path in unlabeled.paths:
+            for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts):
+                pool += held_out.scrub(batch, counts)[: limit - len(pool)]
+                if len(pool) == limit:
+                    return pool
+    return pool
+
+
+def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[], GPT], tokenizer: Tokenizer,
+                            work_dir: Path, train: pl.DataFrame | None = None, select_on_val: bool = True,
+                            curves: Path | None = None) -> tuple[Classifier, dict]:
+    """`finetune` from the weights `initial` builds; then, with `finetune.pseudo_labels` K and task texts without
+    labels (`self_training_pool`), self-training: the model labels them, and its surest K x (labels per class)
+    guesses of each class, kept only where TF-IDF trained on the same labels agrees (`pseudo_label_agreement`),
+    join the labels in a second fine-tune from the same initial weights. The summary counts them
+    (`pseudo_labeled`); `train_examples` counts the labels."""
+    cfg = params.finetune
+    train = pl.read_parquet(prepared / "train.parquet") if train is None else train
+    pool = self_training_pool(params, prepared, train) if cfg.pseudo_labels else []
+    if not pool:
+        model, summary = finetune(params, prepared, initial(), tokenizer, work_dir, train, select_on_val, curves)
+        return model, {**summary, "pseudo_labeled": 0}
+    model, _ = finetune(params, prepared, initial(), tokenizer, work_dir / "labeled", train, select_on_val)
+    labels = json.loads((prepared / "labels.json").read_text())
+    reader = LoadedClassifier(model, tokenizer, labels, 1.0, cfg.max_chunks)
+    second_view = (tfidf_logreg(train, pl.DataFrame({"text": pool}), params.seed) if cfg.pseudo_label_agreement
+                   else None)
+    guessed = most_confident(reader, pool, math.ceil(train.height / len(labels)) * cfg.pseudo_labels, second_view)
+    print(f"finetune: self-training with {guessed.height} of {len(pool)} texts without labels, labeled by the "
+          f"model fine-tuned on {train.height}", flush=True)
+    model, summary = finetune(params, prepared, initial(), tokenizer, work_dir / "self-trained",
+                              pl.concat([train.select("text", "label"), guessed]), select_on_val, curves)
+    return model, {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
+
+
 def save_classifier(classifier: Classifier, tokenizer_file: Path, summary: dict, cfg: FinetuneParams,
                     out: Path) -> None:
     """Weights with the plain GPT keys (adapters merged), how to read a text, the fitted temperature."""
@@ -324,12 +390,13 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(args.pretrained / "tokenizer.json"))
     with tempfile.TemporaryDirectory(prefix="gptpipe-finetune-") as work_dir:
         work_curves = Path(work_dir) / "curves"
-        classifier, summary = finetune(params, args.prepared, load_backbone(args.pretrained), tokenizer,
-                                       Path(work_dir), curves=work_curves)
+        classifier, summary = finetune_and_self_train(params, args.prepared, lambda: load_backbone(args.pretrained),
+                                                      tokenizer, Path(work_dir), curves=work_curves)
         save_classifier(classifier, args.pretrained / "tokenizer.json", summary, params.finetune, args.out)
         publish_curves(work_curves, args.curves)
     print(f"finetune: {summary['strategy']}, best val macro-F1 {summary['val_macro_f1']:.3f} on "
-          f"{summary['train_examples']} examples; temperature {summary['temperature']:.2f} "
+          f"{summary['train_examples']} examples (+{summary['pseudo_labeled']} self-trained); "
+          f"temperature {summary['temperature']:.2f} "
           f"(val NLL {summary['val_nll']['before']:.3f} -> {summary['val_nll']['after']:.3f})")
 
 

@@ -21,7 +21,6 @@ from components.held_out import HeldOutTexts, normalise
 from components.params import Params, load_params
 from components.sources import read_labeled
 
-SPLITS = ("train", "val", "test")
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9, "p99": 0.99}
 
 
@@ -149,20 +148,24 @@ def ingest(params: Params) -> tuple[dict[str, pl.DataFrame], dict]:
                   for split in (cut["train"], cut["val"]))
     leakage += cut["train"].height + cut["val"].height - train.height - val.height
     capped = cap_per_label(train, data.labels_per_class, params.seed)
-    splits = {"train": capped, "val": val, "test": test}
+    # Texts whose labels the cap holds back stay task text: pre-training and self-training read them.
+    held_back = train.join(capped.select("text"), on="text", how="anti", maintain_order="left").select("text")
+    splits = {"train": capped, "val": val, "test": test, "unlabeled": held_back}
     dropped = {reason: sum(r[reason] for r in reports.values()) for reason in ("blank", "duplicate", "undecodable")}
     dropped |= {"leakage": leakage, "labels_per_class": train.height - capped.height}
     report = {
         "read": sum(r["read"] for r in reports.values()),
-        "kept": sum(split.height for split in splits.values()),
+        "kept": sum(split.height for name, split in splits.items() if name != "unlabeled"),
         "dropped": dropped,
         "label_conflicts": sum(r["label_conflicts"] for r in reports.values()),
         "sources": {name: {"path": path, **reports[name]} for name, path in
                     (("labeled", labeled.path), ("test_file", test_cfg.path)) if name in reports},
         "labels": labels,
         "labels_per_class": data.labels_per_class,
-        "splits": {name: {"rows": split.height, "per_label": dict(sorted(split["label"].value_counts().iter_rows())),
-                          "chars": length_stats(split["text"].str.len_chars())}
+        "splits": {name: {"rows": split.height,
+                          **({"per_label": dict(sorted(split["label"].value_counts().iter_rows()))}
+                             if "label" in split.columns else {}),
+                          "chars": length_stats(split["text"].str.len_chars()) if split.height else None}
                    for name, split in splits.items()},
     }
     return splits, report
@@ -175,7 +178,7 @@ def length_histogram(splits: dict[str, pl.DataFrame]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = {name: split["text"].str.len_chars().to_numpy() for name, split in splits.items()}
+    lengths = {name: split["text"].str.len_chars().to_numpy() for name, split in splits.items() if split.height}
     longest = max(int(values.max()) for values in lengths.values())
     bins = np.geomspace(1, max(longest, 2) + 1, 40)
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)

@@ -153,9 +153,13 @@ class FinetuneParams(Section):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="`balanced` weighs each class's loss by n / (classes x its count), for skewed labels.")
     pseudo_labels: int = Field(
-        4, ge=0, description="Self-training for label budgets: the fine-tuned model labels the train split's "
-        "unlabeled texts, and this many times the labels per class of its surest guesses per class join a second "
-        "fine-tune from the pre-trained weights; 0 turns it off.")
+        4, ge=0, description="Self-training, where the task has texts without labels (those data.labels_per_class "
+        "holds back, data.unlabeled.paths, a label budget's unsampled train texts): the fine-tuned model labels "
+        "them, and this many times the labels per class of its surest guesses per class join a second fine-tune "
+        "from the pre-trained weights; 0 turns it off.")
+    pseudo_label_pool: int = Field(
+        20000, ge=1, description="Self-training labels at most this many texts without labels (a forward pass "
+        "each): the task's own first, then data.unlabeled.paths in order.")
     pseudo_label_agreement: bool = Field(
         True, description="Self-training keeps only the guesses that TF-IDF + logistic regression, trained on the "
         "same labels, agrees with (co-training with a second view, Blum & Mitchell 1998): a weak model's confident "

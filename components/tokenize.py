@@ -2,7 +2,8 @@
 
     python -m components.tokenize --prepared data/prepared --out data/tokens
 
-The corpus is the train split plus `data.unlabeled.paths`, streamed in batches so it may be larger than memory.
+The corpus is the train split (with the texts whose labels `data.labels_per_class` held back) plus
+`data.unlabeled.paths`, streamed in batches so it may be larger than memory.
 Validation and test texts are kept out of it (components/held_out.py): an unlabeled text equal to one is dropped,
 one embedded in a longer text is cut out of it, and both are counted. Validation texts are encoded separately for
 the held-out perplexity, and test texts never enter either.
@@ -94,10 +95,12 @@ def parquet_texts(path: Path) -> Iterator[list[str]]:
 
 def corpus_batches(params: Params, prepared: Path, held_out: HeldOutTexts,
                    counts: dict[str, Counter]) -> Iterator[list[str]]:
-    """The pre-training corpus: the train split, then the unlabeled texts, both without blank texts and without
-    validation or test text (see `HeldOutTexts.scrub`); `counts` receives what was kept, dropped and cut, per side."""
-    for batch in parquet_texts(prepared / "train.parquet"):
-        yield held_out.scrub(batch, counts["train"])
+    """The pre-training corpus: the train split (with the texts whose labels `data.labels_per_class` held back),
+    then the unlabeled texts, all without blank texts and without validation or test text (see
+    `HeldOutTexts.scrub`); `counts` receives what was kept, dropped and cut, per side."""
+    for split in ("train", "unlabeled"):
+        for batch in parquet_texts(prepared / f"{split}.parquet"):
+            yield held_out.scrub(batch, counts["train"])
     unlabeled = params.data.unlabeled
     for path in unlabeled.paths:
         for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts["unlabeled"]):

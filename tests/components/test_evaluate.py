@@ -25,11 +25,10 @@ from components.evaluate import (
     few_shot_prompt,
     fragment,
     label_logprobs,
-    most_confident,
     per_class_sample,
     scores,
 )
-from components.finetune import finetune, fit_temperature, save_classifier
+from components.finetune import finetune, fit_temperature, most_confident, save_classifier
 from components.inference import LoadedClassifier, load_backbone
 from components.model import GPT, Classifier, GPTConfig
 from components.params import Params

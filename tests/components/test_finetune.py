@@ -27,9 +27,11 @@ from components.finetune import (
     TextClassifier,
     balanced_weights,
     finetune,
+    finetune_and_self_train,
     fit_temperature,
     layer_groups,
     save_classifier,
+    self_training_pool,
     slanted_triangular,
     training_epochs,
 )
@@ -60,6 +62,7 @@ def make_workspace(root: Path, config: GPTConfig = TINY) -> tuple[Path, Path]:
     pretrained.mkdir(parents=True)
     for name, part in (("train", rows[:54]), ("val", rows[54:72]), ("test", rows[72:])):
         pl.DataFrame(part).write_parquet(prepared / f"{name}.parquet")
+    pl.DataFrame({"text": []}, schema={"text": pl.String}).write_parquet(prepared / "unlabeled.parquet")
     (prepared / "labels.json").write_text(json.dumps(sorted({row["label"] for row in rows})))
     tokenizer = train_tokenizer((row["text"] for row in rows[:54]), config.vocab_size, 2)
     tokenizer.save(str(pretrained / "tokenizer.json"))
@@ -260,6 +263,43 @@ def test_training_steps_follow_the_number_of_examples(workspace, tmp_path):
     # 54 examples in batches of 8: sqrt(54) x 1.5 = 11 steps, two epochs of 7
     _, summary, _, _ = run(workspace, tmp_path, epochs=None, steps_per_sqrt_example=1.5)
     assert summary["epochs_trained"] == 2
+
+
+def test_self_training_pool_holds_the_task_texts_without_labels_and_no_held_out_text(tmp_path):
+    prepared, _ = make_workspace(tmp_path)
+    train = pl.read_parquet(prepared / "train.parquet")
+    pl.DataFrame({"text": ["held back one", "held back two"]}).write_parquet(prepared / "unlabeled.parquet")
+    test_text = pl.read_parquet(prepared / "test.parquet")["text"][0]
+    extra = tmp_path / "extra.jsonl"
+    pl.DataFrame({"text": ["new one", test_text, "new two", "new three"]}).write_ndjson(extra)
+
+    def pool(limit: int) -> list[str]:
+        params = Params.model_validate({**TINY_PARAMS, "data": {**TINY_PARAMS["data"],
+                                                                "unlabeled": {"paths": [str(extra)]}},
+                                        "finetune": {**TINY_PARAMS["finetune"], "pseudo_label_pool": limit}})
+        return self_training_pool(params, prepared, train.head(50))
+
+    everything = train["text"][50:].to_list() + ["held back one", "held back two", "new one", "new two", "new three"]
+    assert pool(100) == everything  # the test text is not among them
+    assert pool(7) == everything[:7]
+
+
+@pytest.mark.parametrize("pseudo_labels", [0, 2])
+def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labels):
+    prepared, pretrained = make_workspace(tmp_path)
+    train = pl.read_parquet(prepared / "train.parquet")
+    labeled = train.group_by("label", maintain_order=True).head(3)  # 9 labels, as data.labels_per_class: 3 leaves
+    labeled.write_parquet(prepared / "train.parquet")
+    train.join(labeled, on="text", how="anti").select("text").write_parquet(prepared / "unlabeled.parquet")
+    params = tiny_params(epochs=1, pseudo_labels=pseudo_labels, pseudo_label_agreement=False)
+    _, summary = finetune_and_self_train(params, prepared, lambda: load_backbone(pretrained),
+                                         Tokenizer.from_file(str(pretrained / "tokenizer.json")), tmp_path / "work")
+    assert summary["train_examples"] == 9
+    if pseudo_labels:  # the surest 2 x 3 guesses of each class the model predicts
+        assert 0 < summary["pseudo_labeled"] <= 18
+    else:
+        assert summary["pseudo_labeled"] == 0
+    assert summary["steps"] == math.ceil((9 + summary["pseudo_labeled"]) / 8)  # one epoch over labels and guesses
 
 
 def test_stage_writes_curves_with_a_row_per_step(workspace, tmp_path):

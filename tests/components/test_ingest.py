@@ -31,10 +31,11 @@ def tickets_csv(tmp_path):
 def test_splits_are_disjoint_and_reproducible(tickets_csv):
     splits, report = ingest(params_for(tickets_csv))
     again, _ = ingest(params_for(tickets_csv))
-    texts = [set(split["text"]) for split in splits.values()]
+    assert splits["unlabeled"].height == 0  # nothing held back without data.labels_per_class
+    texts = [set(splits[name]["text"]) for name in ("train", "val", "test")]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
     assert sum(len(t) for t in texts) == report["kept"] == 120 and balanced(report)
-    for name in splits:
+    for name in ("train", "val", "test"):
         assert splits[name].equals(again[name])
         assert set(splits[name]["label"]) == {"auth", "billing", "bug"}
         assert report["splits"][name]["chars"]["p50"] > 0
@@ -179,6 +180,9 @@ def test_labels_per_class_caps_train_only_and_deterministically(tickets_csv):
     assert set(capped["train"]["text"]) <= set(full["train"]["text"])
     assert capped["val"].equals(full["val"]) and capped["test"].equals(full["test"])
     assert report["dropped"]["labels_per_class"] == full["train"].height - 15 and balanced(report)
+    # The texts whose labels were held back stay, without labels, for pre-training and self-training.
+    assert capped["unlabeled"].columns == ["text"]
+    assert sorted(capped["unlabeled"]["text"]) == sorted(set(full["train"]["text"]) - set(capped["train"]["text"]))
 
 
 def test_wrong_param_type_names_the_key(tmp_path):
@@ -193,7 +197,7 @@ def test_written_splits_labels_and_report(tmp_path, tickets_csv):
     splits, report = ingest(params_for(tickets_csv))
     write_splits(splits, report, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "labels.json", "report.json", "test.parquet", "train.parquet", "val.parquet"]
+        "labels.json", "report.json", "test.parquet", "train.parquet", "unlabeled.parquet", "val.parquet"]
     assert json.loads((tmp_path / "out/labels.json").read_text()) == ["auth", "billing", "bug"]
     assert length_histogram(splits)[:8] == b"\x89PNG\r\n\x1a\n"
 
