@@ -55,6 +55,13 @@ def _limits(params: Params, metrics: dict, splits: dict) -> list[str]:
     return limits
 
 
+def self_training_note(finetuned: dict) -> str:
+    if not finetuned.get("pseudo_labeled"):
+        return ""
+    return (f" Self-trained: {finetuned['pseudo_labeled']} texts without labels, labeled by the model fine-tuned on "
+            f"the {finetuned['train_examples']} labeled ones (its surest guesses), joined them in a second fine-tune.")
+
+
 def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, labels: list[str]) -> str:
     cfg, pretrain = params.finetune, metrics["pretrain"]
     model, foundation = pretrain["config"], pretrain.get("foundation")
@@ -82,7 +89,7 @@ def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, l
         f" (validation perplexity {pretrain.get('val_perplexity', float('nan')):.1f}), then fine-tuned with "
         f"strategy `{cfg.strategy}`, `{cfg.pooling}` pooling over up to {cfg.max_chunks} window(s) per text, "
         f"{metrics['finetune'].get('epochs_trained', cfg.epochs)} epoch(s), best epoch by validation macro-F1 "
-        f"({metrics['finetune'].get('val_macro_f1', float('nan')):.3f}).",
+        f"({metrics['finetune'].get('val_macro_f1', float('nan')):.3f}).{self_training_note(metrics['finetune'])}",
         "",
         "## Data",
         f"Labeled data `{params.data.labeled.path}`, split by seed {params.seed}: {splits['train']} train, "

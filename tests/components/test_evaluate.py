@@ -31,6 +31,7 @@ from components.evaluate import (
 from components.finetune import finetune, fit_temperature, most_confident, save_classifier
 from components.inference import LoadedClassifier, load_backbone
 from components.model import GPT, Classifier, GPTConfig
+from components.model_card import self_training_note
 from components.params import Params
 from tests.components.test_finetune import TINY, make_workspace
 from tests.conftest import TINY_PARAMS
@@ -235,3 +236,8 @@ def test_label_scores_from_the_cached_prefixes_match_full_forward_passes(config,
                 logprobs = torch.log_softmax(lm(torch.tensor([prompt + ids])), dim=-1)[0]
                 full = sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(ids))
                 assert cached[text, row].item() == pytest.approx(full, abs=1e-4)
+
+
+def test_model_card_says_when_the_classifier_was_self_trained():
+    assert self_training_note({"train_examples": 50, "pseudo_labeled": 0}) == ""
+    assert "200 texts without labels" in self_training_note({"train_examples": 50, "pseudo_labeled": 200})
