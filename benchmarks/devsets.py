@@ -71,24 +71,26 @@ def scores(result: dict) -> dict:
     return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
 
 
-def devset_row(devset: Path, workdir: Path, log) -> dict:
+def devset_row(devset: Path, workdir: Path, log, with_task_only: bool = True) -> dict:
+    """The set's row; without `with_task_only` its task-only cells are null (half the time)."""
     project = make_project(workdir / devset.name)
     base = run_recipe(project, devset, RECIPES["foundation"], log)
-    narrow = run_recipe(project, devset, RECIPES["task_only"], log)
+    narrow = run_recipe(project, devset, RECIPES["task_only"], log) if with_task_only else None
     at10 = next(row for row in base["curve"] if row["labels_per_class"] == 10)
-    narrow10 = next(row for row in narrow["curve"] if row["labels_per_class"] == 10)
+    narrow10 = narrow and next(row for row in narrow["curve"] if row["labels_per_class"] == 10)
     baselines = base["metrics"]["baselines"]
     return {
         "devset": devset.name, "classes": len(base["metrics"]["finetune"]["test"]["per_class"]),
-        "at_10_per_class": {"foundation": scores(at10["pretrained"]), "task_only": scores(narrow10["pretrained"]),
+        "at_10_per_class": {"foundation": scores(at10["pretrained"]),
+                            "task_only": narrow10 and scores(narrow10["pretrained"]),
                             "scratch": scores(at10["scratch"]), "tfidf_logreg": scores(at10["tfidf_logreg"])},
         "all_labels": {"foundation": scores(base["metrics"]["finetune"]["test"]),
-                       "task_only": scores(narrow["metrics"]["finetune"]["test"]),
+                       "task_only": narrow and scores(narrow["metrics"]["finetune"]["test"]),
                        "tfidf_logreg": scores(baselines["tfidf_logreg"]["test"])},
         "zero_shot": scores(baselines["zero_shot"]["test"]),
         "foundation_val_perplexity": round(base["metrics"]["pretrain"]["val_perplexity"], 1),
-        "task_only_val_perplexity": round(narrow["metrics"]["pretrain"]["val_perplexity"], 1),
-        "seconds": {"foundation": round(base["seconds"]), "task_only": round(narrow["seconds"])},
+        "task_only_val_perplexity": narrow and round(narrow["metrics"]["pretrain"]["val_perplexity"], 1),
+        "seconds": {"foundation": round(base["seconds"]), "task_only": narrow and round(narrow["seconds"])},
     }
 
 
@@ -97,13 +99,15 @@ def main() -> None:
     parser.add_argument("--devsets", type=Path, default=ROOT.parent / "shared/devsets")
     parser.add_argument("--only", nargs="*", help="devset folder names (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/devsets.json")
+    parser.add_argument("--no-task-only", action="store_true", help="only the foundation recipe (half the time)")
     args = parser.parse_args()
     names = args.only or sorted(p.name for p in args.devsets.iterdir() if (p / "train.csv").exists())
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = [row for row in rows if row["devset"] not in names]
     with tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as workdir:
         for name in names:
-            rows.append(devset_row(args.devsets / name, Path(workdir), lambda line: print(line, file=sys.stderr)))
+            rows.append(devset_row(args.devsets / name, Path(workdir), lambda line: print(line, file=sys.stderr),
+                                   with_task_only=not args.no_task_only))
             write_json_atomic(args.out, rows)
     print(json.dumps({"params": yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"], "devsets": rows},
                      indent=2))
