@@ -29,7 +29,6 @@ from components import layout
 from components.atomic import atomic_dir
 from components.curves import publish_curves
 from components.errors import exit_on_input_error
-from components.held_out import HeldOutTexts
 from components.inference import (
     LoadedClassifier,
     Windows,
@@ -43,9 +42,10 @@ from components.inference import (
 from components.memory import check_fits, training_memory
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
-from components.sources import file_sha256, unlabeled_batches
+from components.sources import file_sha256
 from components.special_tokens import padding_id
 from components.tfidf import tfidf_logreg
+from components.tokenize import held_out_texts, unlabeled_texts
 from components.training import adamw, make_trainer, resolve_precision, warmup_cosine
 
 
@@ -323,16 +323,11 @@ def self_training_pool(params: Params, prepared: Path, labeled: pl.DataFrame) ->
     train = pl.concat([pl.read_parquet(prepared / "train.parquet", columns=["text"]),
                        pl.read_parquet(prepared / "unlabeled.parquet", columns=["text"])])
     pool = train.join(labeled.select("text"), on="text", how="anti", maintain_order="left")["text"].to_list()[:limit]
-    unlabeled = params.data.unlabeled
-    if len(pool) < limit and unlabeled.paths:
-        held_out = HeldOutTexts(text for split in ("val", "test")
-                                for text in pl.read_parquet(prepared / f"{split}.parquet")["text"].to_list())
-        counts: Counter = Counter()
-        for path in unlabeled.paths:
-            for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts):
-                pool += held_out.scrub(batch, counts)[: limit - len(pool)]
-                if len(pool) == limit:
-                    return pool
+    if len(pool) < limit and params.data.unlabeled.paths:
+        for batch in unlabeled_texts(params, held_out_texts(prepared), Counter()):
+            pool += batch[: limit - len(pool)]
+            if len(pool) == limit:
+                break
     return pool
 
 

@@ -101,10 +101,21 @@ def corpus_batches(params: Params, prepared: Path, held_out: HeldOutTexts,
     for split in ("train", "unlabeled"):
         for batch in parquet_texts(prepared / f"{split}.parquet"):
             yield held_out.scrub(batch, counts["train"])
+    yield from unlabeled_texts(params, held_out, counts["unlabeled"])
+
+
+def held_out_texts(prepared: Path) -> HeldOutTexts:
+    """The validation and test texts, which neither pre-training nor self-training may read."""
+    return HeldOutTexts(text for split in ("val", "test") for batch in parquet_texts(prepared / f"{split}.parquet")
+                        for text in batch)
+
+
+def unlabeled_texts(params: Params, held_out: HeldOutTexts, counts: Counter) -> Iterator[list[str]]:
+    """`data.unlabeled.paths` in batches, without blank texts and without validation or test text."""
     unlabeled = params.data.unlabeled
     for path in unlabeled.paths:
-        for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts["unlabeled"]):
-            yield held_out.scrub(batch, counts["unlabeled"])
+        for batch in unlabeled_batches(path, unlabeled.text_column, params.data.undecodable, counts):
+            yield held_out.scrub(batch, counts)
 
 
 class ShardWriter:
@@ -195,8 +206,7 @@ def tokenize(params: Params, prepared: Path, out: Path, timings: dict | None = N
     """Train the tokenizer (or take the `foundation`'s, which its weights were trained with), encode the corpus
     and the validation split into shards; returns the manifest. `timings`, when given, receives the seconds
     spent training and encoding."""
-    held_out = HeldOutTexts(text for split in ("val", "test") for batch in parquet_texts(prepared / f"{split}.parquet")
-                            for text in batch)
+    held_out = held_out_texts(prepared)
     cfg = params.tokenizer
     limit = cfg.train_max_mb * 1e6 if cfg.train_max_mb else None
     started = time.perf_counter()
