@@ -337,8 +337,9 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
     """`finetune` from the weights `initial` builds; then, with `finetune.pseudo_labels` K and task texts without
     labels (`self_training_pool`), self-training: the model labels them, and its surest K x (labels per class)
     guesses of each class, kept only where TF-IDF trained on the same labels agrees (`pseudo_label_agreement`),
-    join the labels in a second fine-tune from the same initial weights. The summary counts them
-    (`pseudo_labeled`); `train_examples` counts the labels."""
+    join the labels in a fresh fine-tune from the same initial weights; round r of `pseudo_label_rounds` takes
+    r x K from the model the round before. The summary counts the last round's guesses (`pseudo_labeled`);
+    `train_examples` counts the labels."""
     cfg = params.finetune
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
     pool = self_training_pool(params, prepared, train) if cfg.pseudo_labels else []
@@ -347,14 +348,18 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
         return model, {**summary, "pseudo_labeled": 0}
     model, _ = finetune(params, prepared, initial(), tokenizer, work_dir / "labeled", train, select_on_val)
     labels = json.loads((prepared / "labels.json").read_text())
-    reader = LoadedClassifier(model, tokenizer, labels, 1.0, cfg.max_chunks)
     second_view = (tfidf_logreg(train, pl.DataFrame({"text": pool}), params.seed) if cfg.pseudo_label_agreement
                    else None)
-    guessed = most_confident(reader, pool, math.ceil(train.height / len(labels)) * cfg.pseudo_labels, second_view)
-    print(f"finetune: self-training with {guessed.height} of {len(pool)} texts without labels, labeled by the "
-          f"model fine-tuned on {train.height}", flush=True)
-    model, summary = finetune(params, prepared, initial(), tokenizer, work_dir / "self-trained",
-                              pl.concat([train.select("text", "label"), guessed]), select_on_val, curves)
+    per_class = math.ceil(train.height / len(labels)) * cfg.pseudo_labels
+    for round_ in range(1, cfg.pseudo_label_rounds + 1):
+        reader = LoadedClassifier(model, tokenizer, labels, 1.0, cfg.max_chunks)
+        guessed = most_confident(reader, pool, per_class * round_, second_view)
+        print(f"finetune: self-training round {round_} with {guessed.height} of {len(pool)} texts without labels, "
+              f"labeled by the model fine-tuned on {train.height}", flush=True)
+        last = round_ == cfg.pseudo_label_rounds
+        model, summary = finetune(params, prepared, initial(), tokenizer, work_dir / f"self-trained-{round_}",
+                                  pl.concat([train.select("text", "label"), guessed]), select_on_val,
+                                  curves if last else None)
     return model, {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
 
 

@@ -157,6 +157,10 @@ class FinetuneParams(Section):
         "holds back, data.unlabeled.paths, a label budget's unsampled train texts): the fine-tuned model labels "
         "them, and this many times the labels per class of its surest guesses per class join a second fine-tune "
         "from the pre-trained weights; 0 turns it off.")
+    pseudo_label_rounds: int = Field(
+        1, ge=1, description="Self-training rounds: in round r the latest model labels the texts again, and r x "
+        "pseudo_labels x the labels per class of its surest guesses join a fresh fine-tune from the pre-trained "
+        "weights (each round costs one more fine-tune).")
     pseudo_label_pool: int = Field(
         20000, ge=1, description="Self-training labels at most this many texts without labels (a forward pass "
         "each): the task's own first, then data.unlabeled.paths in order.")

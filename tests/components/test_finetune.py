@@ -284,19 +284,22 @@ def test_self_training_pool_holds_the_task_texts_without_labels_and_no_held_out_
     assert pool(7) == everything[:7]
 
 
-@pytest.mark.parametrize("pseudo_labels", [0, 2])
-def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labels):
+@pytest.mark.parametrize("pseudo_labels, rounds", [(0, 1), (2, 1), (2, 2)])
+def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labels, rounds):
     prepared, pretrained = make_workspace(tmp_path)
     train = pl.read_parquet(prepared / "train.parquet")
     labeled = train.group_by("label", maintain_order=True).head(3)  # 9 labels, as data.labels_per_class: 3 leaves
     labeled.write_parquet(prepared / "train.parquet")
     train.join(labeled, on="text", how="anti").select("text").write_parquet(prepared / "unlabeled.parquet")
-    params = tiny_params(epochs=1, pseudo_labels=pseudo_labels, pseudo_label_agreement=False)
+    params = tiny_params(epochs=1, pseudo_labels=pseudo_labels, pseudo_label_agreement=False,
+                         pseudo_label_rounds=rounds)
     _, summary = finetune_and_self_train(params, prepared, lambda: load_backbone(pretrained),
                                          Tokenizer.from_file(str(pretrained / "tokenizer.json")), tmp_path / "work")
     assert summary["train_examples"] == 9
-    if pseudo_labels:  # the surest 2 x 3 guesses of each class the model predicts
-        assert 0 < summary["pseudo_labeled"] <= 18
+    if pseudo_labels:  # the surest rounds x 2 x 3 guesses of each class the model predicts
+        assert 0 < summary["pseudo_labeled"] <= rounds * 18
+        rounds_trained = sorted(folder.name for folder in (tmp_path / "work").iterdir())
+        assert rounds_trained == ["labeled", *(f"self-trained-{r}" for r in range(1, rounds + 1))]
     else:
         assert summary["pseudo_labeled"] == 0
     assert summary["steps"] == math.ceil((9 + summary["pseudo_labeled"]) / 8)  # one epoch over labels and guesses
