@@ -78,7 +78,8 @@ def register_checkpoint(registry_uri: str, name: str, folder: Path) -> dict:
     def stage(staging: Path) -> dict:
         shutil.copytree(folder, staging, dirs_exist_ok=True)
         return {"metrics": {"val_perplexity": summary["val_perplexity"]}, "kind": "foundation",
-                "continued_from": summary.get("foundation") or summary.get("continued_from")}
+                "continued_from": summary.get("foundation") or summary.get("continued_from"),
+                "git_commit": git_state(folder)["commit"]}
 
     manifest, _ = register_once(Registry(registry_uri), name, folder_digest(folder), stage)
     return manifest
