@@ -351,15 +351,17 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
     second_view = (tfidf_logreg(train, pl.DataFrame({"text": pool}), params.seed) if cfg.pseudo_label_agreement
                    else None)
     per_class = math.ceil(train.height / len(labels)) * cfg.pseudo_labels
+    labeler = f"{train.height} labels"
     for round_ in range(1, cfg.pseudo_label_rounds + 1):
         reader = LoadedClassifier(model, tokenizer, labels, 1.0, cfg.max_chunks)
         guessed = most_confident(reader, pool, per_class * round_, second_view)
         print(f"finetune: self-training round {round_} with {guessed.height} of {len(pool)} texts without labels, "
-              f"labeled by the model fine-tuned on {train.height}", flush=True)
+              f"labeled by the model fine-tuned on {labeler}", flush=True)
         last = round_ == cfg.pseudo_label_rounds
         model, summary = finetune(params, prepared, initial(), tokenizer, work_dir / f"self-trained-{round_}",
                                   pl.concat([train.select("text", "label"), guessed]), select_on_val,
                                   curves if last else None)
+        labeler = f"{train.height} labels and {guessed.height} guesses"
     return model, {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
 
 
