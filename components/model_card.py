@@ -55,11 +55,14 @@ def _limits(params: Params, metrics: dict, splits: dict) -> list[str]:
     return limits
 
 
-def self_training_note(finetuned: dict) -> str:
+def self_training_note(finetuned: dict, rounds: int) -> str:
     if not finetuned.get("pseudo_labeled"):
         return ""
-    return (f" Self-trained: {finetuned['pseudo_labeled']} texts without labels, labeled by the model fine-tuned on "
-            f"the {finetuned['train_examples']} labeled ones (its surest guesses), joined them in a second fine-tune.")
+    labeler = f"the model fine-tuned on the {finetuned['train_examples']} labeled ones"
+    if rounds > 1:
+        labeler += f", relabeled in {rounds} rounds by the model of the round before"
+    return (f" Self-trained: {finetuned['pseudo_labeled']} texts without labels, labeled by {labeler} (its surest "
+            "guesses), joined them in the last fine-tune.")
 
 
 def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, labels: list[str]) -> str:
@@ -89,7 +92,8 @@ def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, l
         f" (validation perplexity {pretrain.get('val_perplexity', float('nan')):.1f}), then fine-tuned with "
         f"strategy `{cfg.strategy}`, `{cfg.pooling}` pooling over up to {cfg.max_chunks} window(s) per text, "
         f"{metrics['finetune'].get('epochs_trained', cfg.epochs)} epoch(s), best epoch by validation macro-F1 "
-        f"({metrics['finetune'].get('val_macro_f1', float('nan')):.3f}).{self_training_note(metrics['finetune'])}",
+        f"({metrics['finetune'].get('val_macro_f1', float('nan')):.3f})."
+        f"{self_training_note(metrics['finetune'], cfg.pseudo_label_rounds)}",
         "",
         "## Data",
         f"Labeled data `{params.data.labeled.path}`, split by seed {params.seed}: {splits['train']} train, "

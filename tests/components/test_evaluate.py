@@ -239,5 +239,7 @@ def test_label_scores_from_the_cached_prefixes_match_full_forward_passes(config,
 
 
 def test_model_card_says_when_the_classifier_was_self_trained():
-    assert self_training_note({"train_examples": 50, "pseudo_labeled": 0}) == ""
-    assert "200 texts without labels" in self_training_note({"train_examples": 50, "pseudo_labeled": 200})
+    assert self_training_note({"train_examples": 50, "pseudo_labeled": 0}, rounds=1) == ""
+    one_round = self_training_note({"train_examples": 50, "pseudo_labeled": 200}, rounds=1)
+    assert "200 texts without labels" in one_round and "rounds" not in one_round
+    assert "in 2 rounds" in self_training_note({"train_examples": 50, "pseudo_labeled": 200}, rounds=2)
