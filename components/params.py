@@ -153,7 +153,7 @@ class FinetuneParams(Section):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="`balanced` weighs each class's loss by n / (classes x its count), for skewed labels.")
     pseudo_labels: int = Field(
-        8, ge=0, description="Self-training, where the task has texts without labels (those data.labels_per_class "
+        16, ge=0, description="Self-training, where the task has texts without labels (those data.labels_per_class "
         "holds back, data.unlabeled.paths, a label budget's unsampled train texts): the fine-tuned model labels "
         "them, and this many times the labels per class of its surest guesses per class join a second fine-tune "
         "from the pre-trained weights; 0 turns it off.")
