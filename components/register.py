@@ -21,14 +21,20 @@ from components.registry import LATEST, Registry
 UNCHANGED = "unchanged, already registered"
 
 
-def git_state(repo: Path) -> dict:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
 
+
+def head_commit(folder: Path) -> str | None:
+    """The commit checked out where `folder` lies; None outside a git checkout."""
+    return git(folder, "rev-parse", "HEAD") or None
+
+
+def git_state(repo: Path) -> dict:
     # dvc.lock records this run's outputs (kept in the lineage as dvc_lock), not code: it alone leaves the code clean.
-    changed = git("status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed)}
+    changed = git(repo, "status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
+    return {"commit": head_commit(repo), "dirty": bool(changed)}
 
 
 def dvc_lock_hashes(lock_file: Path) -> dict:
@@ -79,7 +85,7 @@ def register_checkpoint(registry_uri: str, name: str, folder: Path) -> dict:
         shutil.copytree(folder, staging, dirs_exist_ok=True)
         return {"metrics": {"val_perplexity": summary["val_perplexity"]}, "kind": "foundation",
                 "continued_from": summary.get("foundation") or summary.get("continued_from"),
-                "git_commit": git_state(folder)["commit"]}
+                "git_commit": head_commit(folder)}
 
     manifest, _ = register_once(Registry(registry_uri), name, folder_digest(folder), stage)
     return manifest
