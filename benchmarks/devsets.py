@@ -34,7 +34,9 @@ RECIPES = {
 
 
 def make_project(target: Path) -> Path:
-    """A git + DVC checkout of the pipeline's code, params and shipped foundation."""
+    """A git + DVC checkout of the pipeline's code, params and shipped foundation (kept if one is there already)."""
+    if (target / ".git").exists():
+        return target
     for name in COPIED:
         source, destination = ROOT / name, target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -100,13 +102,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="devset folder names (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/devsets.json")
     parser.add_argument("--no-task-only", action="store_true", help="only the foundation recipe (half the time)")
+    parser.add_argument("--workdir", type=Path, help="keep the projects here, so a stopped run resumes from its "
+                        "checkpoints (default: a temporary folder)")
     args = parser.parse_args()
     names = args.only or sorted(p.name for p in args.devsets.iterdir() if (p / "train.csv").exists())
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = [row for row in rows if row["devset"] not in names]
-    with tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as scratch:
+        workdir = args.workdir or Path(scratch)
         for name in names:
-            rows.append(devset_row(args.devsets / name, Path(workdir), lambda line: print(line, file=sys.stderr),
+            rows.append(devset_row(args.devsets / name, workdir, lambda line: print(line, file=sys.stderr),
                                    with_task_only=not args.no_task_only))
             write_json_atomic(args.out, rows)
     print(json.dumps({"params": yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"], "devsets": rows},
