@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "reports/devsets.json")
     parser.add_argument("--no-task-only", action="store_true", help="only the foundation recipe (half the time)")
     parser.add_argument("--workdir", type=Path, help="keep the projects here, so a stopped run resumes from its "
-                        "checkpoints (default: a temporary folder)")
+                        "checkpoints (default: a temporary folder); they keep the code they were made with, so "
+                        "empty it after changing the code")
     args = parser.parse_args()
     names = args.only or sorted(p.name for p in args.devsets.iterdir() if (p / "train.csv").exists())
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
