@@ -226,6 +226,15 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
     return math.ceil(cfg.steps_per_sqrt_example * math.sqrt(examples) / steps_per_epoch)
 
 
+def peak_learning_rate(labels: int, cfg: FinetuneParams) -> float:
+    """finetune.learning_rate, scaled down above learning_rate_examples labels as labels^-1/4 (1 / sqrt(steps) under
+    steps_per_sqrt_example): measured best at both ends (README, "The few-label recipe")."""
+    reference = cfg.learning_rate_examples
+    if reference is None or labels <= reference:
+        return cfg.learning_rate
+    return cfg.learning_rate * (reference / labels) ** 0.25
+
+
 def training_precision(cfg: FinetuneParams, lengths: list[int]) -> str:
     """finetune.precision, with `auto` judged on the real tokens of an average training step."""
     return resolve_precision(cfg.precision, step_tokens=round(cfg.batch_size * sum(lengths) / len(lengths)))
@@ -247,16 +256,18 @@ def check_memory(config: GPTConfig, cfg: FinetuneParams, classes: int) -> None:
 
 def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer, work_dir: Path,
              train: pl.DataFrame | None = None, select_on_val: bool = True,
-             curves: Path | None = None) -> tuple[Classifier, dict]:
+             curves: Path | None = None, labeled: int | None = None) -> tuple[Classifier, dict]:
     """Fine-tune `backbone` (pre-trained, or freshly initialised for the scratch baseline) on `train` (the train
-    split by default) for `training_epochs`. With `select_on_val` it keeps the epoch with the best val macro-F1
-    and fits the temperature on val; without, it uses no val labels and keeps the last epoch. With `curves`, the
-    training curves are logged into that folder."""
+    split by default) for `training_epochs`, at the `peak_learning_rate` of `labeled` (how many of `train`'s rows
+    are labels rather than guesses; all by default). With `select_on_val` it keeps the epoch with the best val
+    macro-F1 and fits the temperature on val; without, it uses no val labels and keeps the last epoch. With
+    `curves`, the training curves are logged into that folder."""
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
-    cfg = params.finetune
-    labels = json.loads((prepared / "labels.json").read_text())
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
+    cfg = params.finetune
+    cfg = cfg.model_copy(update={"learning_rate": peak_learning_rate(labeled or train.height, cfg)})
+    labels = json.loads((prepared / "labels.json").read_text())
     epochs = training_epochs(train.height, cfg)
     context, pad = backbone.config.context_length, padding_id(tokenizer)
     train_rows = labeled_rows(train, tokenizer, labels, context, cfg.max_chunks)
@@ -283,8 +294,9 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
                            enable_checkpointing=select_on_val)
     # loop and validate
     trainer.fit(module, train_loader, val_loader)
-    summary = {"strategy": cfg.strategy, "precision": precision, "labels": labels, "train_examples": train.height,
-               "epochs_trained": trainer.current_epoch, "steps": trainer.global_step,
+    summary = {"strategy": cfg.strategy, "precision": precision, "learning_rate": cfg.learning_rate,
+               "labels": labels, "train_examples": train.height, "epochs_trained": trainer.current_epoch,
+               "steps": trainer.global_step,
                "train_loss": float(trainer.callback_metrics["train_loss"])}  # the last step's
     if select_on_val:
         module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
@@ -360,7 +372,7 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
         last = round_ == cfg.pseudo_label_rounds
         model, summary = finetune(params, prepared, initial(), tokenizer, work_dir / f"self-trained-{round_}",
                                   pl.concat([train.select("text", "label"), guessed]), select_on_val,
-                                  curves if last else None)
+                                  curves if last else None, labeled=train.height)
         labeler = f"{train.height} labels and {guessed.height} guesses"
     return model, {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
 
