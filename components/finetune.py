@@ -228,7 +228,7 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
 
 def peak_learning_rate(labels: int, cfg: FinetuneParams) -> float:
     """finetune.learning_rate, scaled down above learning_rate_examples labels as labels^-1/4 (1 / sqrt(steps) under
-    steps_per_sqrt_example): measured best at both ends (README, "The few-label recipe")."""
+    steps_per_sqrt_example); off by default until more seeds decide it (README, "The few-label recipe")."""
     reference = cfg.learning_rate_examples
     if reference is None or labels <= reference:
         return cfg.learning_rate
@@ -265,8 +265,8 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
-    cfg = params.finetune
-    cfg = cfg.model_copy(update={"learning_rate": peak_learning_rate(labeled or train.height, cfg)})
+    cfg = params.finetune.model_copy(
+        update={"learning_rate": peak_learning_rate(labeled or train.height, params.finetune)})
     labels = json.loads((prepared / "labels.json").read_text())
     epochs = training_epochs(train.height, cfg)
     context, pad = backbone.config.context_length, padding_id(tokenizer)
