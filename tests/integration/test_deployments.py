@@ -104,6 +104,11 @@ def deployed(prefect_api, s3_server, tmp_path_factory) -> Iterator[Team]:
     done = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"],
                           cwd=a, env=env_a, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The nightly cron keeps its schedule but must not start a run of its own on A while the module runs (a run
+    # across 03:00 UTC would hold a worktree when the tests count them).
+    nightly = api(prefect_api, "GET", "/deployments/name/retrain/nightly")
+    api(prefect_api, "PATCH", f"/deployments/{nightly['id']}", {"paused": True})
+    assert api(prefect_api, "GET", f"/deployments/{nightly['id']}")["paused"]
     workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--name", name], cwd=clone, env=env,
                                 stdout=(clone.parent / "worker.log").open("w"), stderr=subprocess.STDOUT)
                for pool, name, clone, env in (("cpu", "cpu-a", a, env_a), ("gpu", "gpu-b", b, env_b))]
@@ -212,7 +217,7 @@ def test_runs_on_two_machines_use_the_runs_commit_and_a_rerun_runs_no_stage(pref
         assert set(json.loads(predicted.stdout)["probs"]) == {"auth", "billing", "bug"}
     assert len(weights) == 2, "the two runs' models are not their own"
     # Every run's worktrees are gone once done, on both machines; the checkouts themselves were never touched.
-    assert len(worktrees(team.a)) == 1 and len(worktrees(team.b)) == 1
+    assert len(worktrees(team.a)) == 1 and len(worktrees(team.b)) == 1, (worktrees(team.a), worktrees(team.b))
     for clone in (team.a, team.b):
         assert not (clone / "dvc.lock").exists() and not (clone / "data").exists()
     # Flow results and persisted state are in the shared store, none on either machine's disk.
