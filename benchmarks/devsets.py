@@ -10,6 +10,7 @@ class), TF-IDF + logistic regression (`tfidf_logreg`) and zero-shot prompting of
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -109,10 +110,10 @@ def main() -> None:
     names = args.only or sorted(p.name for p in args.devsets.iterdir() if (p / "train.csv").exists())
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = [row for row in rows if row["devset"] not in names]
-    with tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as scratch:
-        workdir = args.workdir or Path(scratch)
+    kept = contextlib.nullcontext(args.workdir) if args.workdir else None
+    with kept or tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as workdir:
         for name in names:
-            rows.append(devset_row(args.devsets / name, workdir, lambda line: print(line, file=sys.stderr),
+            rows.append(devset_row(args.devsets / name, Path(workdir), lambda line: print(line, file=sys.stderr),
                                    with_task_only=not args.no_task_only))
             write_json_atomic(args.out, rows)
     print(json.dumps({"params": yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"], "devsets": rows},
