@@ -228,7 +228,8 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
 
 def peak_learning_rate(labels: int, cfg: FinetuneParams) -> float:
     """finetune.learning_rate, scaled down above learning_rate_examples labels as labels^-1/4 (1 / sqrt(steps) under
-    steps_per_sqrt_example); off by default until more seeds decide it (README, "The few-label recipe")."""
+    steps_per_sqrt_example): with every label, a fixed rate over-trained the short-text sets (README, "The
+    few-label recipe")."""
     reference = cfg.learning_rate_examples
     if reference is None or labels <= reference:
         return cfg.learning_rate
