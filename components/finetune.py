@@ -226,14 +226,14 @@ def training_epochs(examples: int, cfg: FinetuneParams) -> int:
     return math.ceil(cfg.steps_per_sqrt_example * math.sqrt(examples) / steps_per_epoch)
 
 
-def peak_learning_rate(labels: int, cfg: FinetuneParams) -> float:
-    """finetune.learning_rate, scaled down above learning_rate_examples labels as labels^-1/4 (1 / sqrt(steps) under
-    steps_per_sqrt_example): with every label, a fixed rate over-trained the short-text sets (README, "The
-    few-label recipe")."""
-    reference = cfg.learning_rate_examples
-    if reference is None or labels <= reference:
+def peak_learning_rate(labels: int, classes: int, cfg: FinetuneParams) -> float:
+    """finetune.learning_rate, scaled down above learning_rate_labels_per_class as (labels per class)^-1/4 (1 /
+    sqrt(steps) under steps_per_sqrt_example): with every label, a fixed rate over-trained the short-text sets,
+    and a rule on all labels, not per class, starved the many-class sets (README, "The few-label recipe")."""
+    reference, per_class = cfg.learning_rate_labels_per_class, labels / classes
+    if reference is None or per_class <= reference:
         return cfg.learning_rate
-    return cfg.learning_rate * (reference / labels) ** 0.25
+    return cfg.learning_rate * (reference / per_class) ** 0.25
 
 
 def training_precision(cfg: FinetuneParams, lengths: list[int]) -> str:
@@ -266,9 +266,9 @@ def finetune(params: Params, prepared: Path, backbone: GPT, tokenizer: Tokenizer
     # setup
     L.seed_everything(params.seed, workers=True, verbose=False)
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
-    cfg = params.finetune.model_copy(
-        update={"learning_rate": peak_learning_rate(labeled or train.height, params.finetune)})
     labels = json.loads((prepared / "labels.json").read_text())
+    cfg = params.finetune.model_copy(
+        update={"learning_rate": peak_learning_rate(labeled or train.height, len(labels), params.finetune)})
     epochs = training_epochs(train.height, cfg)
     context, pad = backbone.config.context_length, padding_id(tokenizer)
     train_rows = labeled_rows(train, tokenizer, labels, context, cfg.max_chunks)

@@ -133,12 +133,12 @@ class FinetuneParams(Section):
         "examples, rounded up to whole epochs: few examples get many passes (50: 15 epochs), many get few (1,500: 4).")
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (the top layer group's for `ulmfit`) "
-                                 "for up to learning_rate_examples labels.")
-    learning_rate_examples: int | None = Field(
-        50, ge=1, description="Above this many labeled examples the peak rate falls with the fourth root of their "
-        "number, learning_rate x (this / labels)^0.25, so as 1 / sqrt(optimizer steps) where steps follow "
-        "sqrt(examples): at 50, 1,500 labels train at 0.43 x, 5,000 at 0.32 x. Self-training's guesses do not "
-        "count. null keeps learning_rate for any number.")
+                                 "for up to learning_rate_labels_per_class labels per class.")
+    learning_rate_labels_per_class: float | None = Field(
+        10, gt=0, description="Above this many labeled examples per class the peak rate falls with the fourth root "
+        "of their number, learning_rate x (this / labels per class)^0.25, so as 1 / sqrt(optimizer steps) where "
+        "steps follow sqrt(examples): at 10, 300 labels per class train at 0.43 x, 1,000 at 0.32 x. Self-training's "
+        "guesses do not count. null keeps learning_rate for any number.")
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Linear warmup before the cosine decay "
                                    "(`full`, `linear_probe`, `lora`).")

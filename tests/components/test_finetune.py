@@ -266,11 +266,12 @@ def test_training_steps_follow_the_number_of_examples(workspace, tmp_path):
     assert summary["epochs_trained"] == 2
 
 
-def test_learning_rate_follows_the_number_of_labels(workspace, tmp_path):
-    cfg = FinetuneParams(learning_rate=1e-3, learning_rate_examples=50)
-    assert [peak_learning_rate(n, cfg) for n in (20, 50, 800)] == pytest.approx([1e-3, 1e-3, 5e-4])  # 800 = 16 x 50
-    assert peak_learning_rate(800, cfg.model_copy(update={"learning_rate_examples": None})) == 1e-3
-    _, summary, _, _ = run(workspace, tmp_path, learning_rate=1e-3, learning_rate_examples=27)  # 54 labels
+def test_learning_rate_follows_the_labels_per_class(workspace, tmp_path):
+    cfg = FinetuneParams(learning_rate=1e-3, learning_rate_labels_per_class=10)
+    rates = [peak_learning_rate(labels, classes, cfg) for labels, classes in ((20, 2), (50, 5), (800, 5), (800, 80))]
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-3 * (10 / 160) ** 0.25, 1e-3])  # 160 = 16 x 10 a class
+    assert peak_learning_rate(800, 5, cfg.model_copy(update={"learning_rate_labels_per_class": None})) == 1e-3
+    _, summary, _, _ = run(workspace, tmp_path, learning_rate=1e-3, learning_rate_labels_per_class=9)  # 54 of 3
     assert summary["learning_rate"] == pytest.approx(1e-3 * 0.5 ** 0.25)
 
 
@@ -301,7 +302,7 @@ def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labe
     labeled.write_parquet(prepared / "train.parquet")
     train.join(labeled, on="text", how="anti").select("text").write_parquet(prepared / "unlabeled.parquet")
     params = tiny_params(epochs=1, pseudo_labels=pseudo_labels, pseudo_label_agreement=False,
-                         pseudo_label_rounds=rounds, learning_rate=1e-3, learning_rate_examples=3)
+                         pseudo_label_rounds=rounds, learning_rate=1e-3, learning_rate_labels_per_class=1)
     _, summary = finetune_and_self_train(params, prepared, lambda: load_backbone(pretrained),
                                          Tokenizer.from_file(str(pretrained / "tokenizer.json")), tmp_path / "work")
     assert summary["train_examples"] == 9
@@ -312,7 +313,7 @@ def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labe
     else:
         assert summary["pseudo_labeled"] == 0
     assert summary["steps"] == math.ceil((9 + summary["pseudo_labeled"]) / 8)  # one epoch over labels and guesses
-    assert summary["learning_rate"] == pytest.approx(1e-3 * (3 / 9) ** 0.25)  # the 9 labels' rate: guesses not counted
+    assert summary["learning_rate"] == pytest.approx(1e-3 * (1 / 3) ** 0.25)  # the 9 labels' rate: guesses not counted
 
 
 def test_stage_writes_curves_with_a_row_per_step(workspace, tmp_path):
