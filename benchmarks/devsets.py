@@ -110,8 +110,9 @@ def main() -> None:
     names = args.only or sorted(p.name for p in args.devsets.iterdir() if (p / "train.csv").exists())
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = [row for row in rows if row["devset"] not in names]
-    kept = contextlib.nullcontext(args.workdir) if args.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="gptpipe-devsets-") as workdir:
+    folder = (contextlib.nullcontext(args.workdir) if args.workdir
+              else tempfile.TemporaryDirectory(prefix="gptpipe-devsets-"))
+    with folder as workdir:
         for name in names:
             rows.append(devset_row(args.devsets / name, Path(workdir), lambda line: print(line, file=sys.stderr),
                                    with_task_only=not args.no_task_only))
