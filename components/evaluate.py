@@ -37,7 +37,7 @@ from components.errors import InputError, exit_on_input_error
 from components.figures import save_figure
 from components.finetune import finetune_and_self_train
 from components.inference import LoadedClassifier, load_backbone, load_classifier
-from components.model import GPT, Classifier, KeyValues
+from components.model import GPT, KeyValues
 from components.model_card import model_card
 from components.params import Params, load_params
 from components.tfidf import tfidf_logreg
@@ -78,11 +78,14 @@ def expected_calibration_error(probs: torch.Tensor, truth: torch.Tensor, bins: i
                * (which == b).sum().item() for b in range(bins) if (which == b).any()) / len(truth)
 
 
-def calibration(logits: torch.Tensor, truth: torch.Tensor, temperature: float) -> dict:
+def calibration(logits: torch.Tensor, truth: torch.Tensor, temperature: float, delivered: torch.Tensor) -> dict:
+    """The GPT's calibration before and after its temperature, and that of the `delivered` probabilities (with the
+    TF-IDF half fused in, where there is one)."""
     before, after = torch.softmax(logits, dim=-1), torch.softmax(logits / temperature, dim=-1)
     return {"temperature": temperature, "bins": ECE_BINS,
             "test_ece_before": expected_calibration_error(before, truth),
             "test_ece_after": expected_calibration_error(after, truth),
+            "test_ece_delivered": expected_calibration_error(delivered, truth),
             "test_nll_before": F.cross_entropy(logits, truth).item(),
             "test_nll_after": F.cross_entropy(logits / temperature, truth).item()}
 
@@ -237,18 +240,19 @@ class LabelEfficiency:
         params, labels = self.params, self.reader.labels
         print(f"evaluate: fine-tuning the {init} model on {per_class or 'all'} labels per class", flush=True)
         train = None if per_class is None else per_class_sample(self.train, labels, per_class, params.seed)
-        model, summary = self.finetune_from(init, train)
-        reader = LoadedClassifier(model, self.reader.tokenizer, labels, 1.0, params.finetune.max_chunks)
-        predicted = [labels[i] for i in reader.predict_logits(self.test["text"].to_list()).argmax(-1).tolist()]
-        result = {"test": scores(self.test["label"].to_list(), predicted, labels, params.evaluate.bootstrap_samples,
-                                 params.seed),
+        reader, summary = self.finetune_from(init, train)
+        texts, truth = self.test["text"].to_list(), self.test["label"].to_list()
+        logits = reader.predict_logits(texts)
+        predicted = [labels[i] for i in reader.fuse(logits, texts).argmax(-1).tolist()]
+        result = {"test": scores(truth, predicted, labels, params.evaluate.bootstrap_samples, params.seed),
+                  "test_gpt_alone": scores(truth, [labels[i] for i in logits.argmax(-1).tolist()], labels),
                   "labels_per_class": per_class, "train_examples": summary["train_examples"],
                   "pseudo_labeled": summary["pseudo_labeled"],
                   "epochs": summary["epochs_trained"]}
         self.runs[(init, per_class)] = result
         return result
 
-    def finetune_from(self, init: str, train: pl.DataFrame | None) -> tuple[Classifier, dict]:
+    def finetune_from(self, init: str, train: pl.DataFrame | None) -> tuple[LoadedClassifier, dict]:
         """`init` weights fine-tuned on `train`; few labels (not None) train without val labels and keep the last
         epoch."""
         def initial() -> GPT:
@@ -310,15 +314,19 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
     cfg = params.evaluate
     # the fine-tuned model
     logits = classifier.predict_logits(test["text"].to_list())
-    probs = torch.softmax(logits / classifier.temperature, dim=-1)
+    probs = classifier.fuse(logits, test["text"].to_list())
     predicted = [labels[i] for i in probs.argmax(dim=-1).tolist()]
     truth_idx = torch.tensor([labels.index(label) for label in truth])
     finetuned = scores(truth, predicted, labels, cfg.bootstrap_samples, params.seed)
+    gpt_alone = scores(truth, [labels[i] for i in logits.argmax(dim=-1).tolist()], labels, cfg.bootstrap_samples,
+                       params.seed)
     metrics = {
         "pretrain": {**json.loads((pretrained / "metrics.json").read_text()),
                      "config": json.loads((pretrained / "config.json").read_text())},
         "finetune": {**json.loads((classifier_dir / "metrics.json").read_text()), "test": finetuned,
-                     "calibration": calibration(logits, truth_idx, classifier.temperature)},
+                     "tfidf_weight": classifier.tfidf_weight if classifier.tfidf else 0.0,
+                     "test_gpt_alone": gpt_alone,
+                     "calibration": calibration(logits, truth_idx, classifier.temperature, probs)},
         "baselines": {},
     }
     # baselines on the same split

@@ -7,6 +7,8 @@ tokenizer_config.json), which `transformers.AutoModelForCausalLM.from_pretrained
 head in `classifier_head.safetensors` and how to apply it in `classifier.json` (see README, "Export").
 `onnx`: the whole classifier in `model.onnx`: token ids and mask (batch, windows, tokens) in, temperature-scaled
 class probabilities out, every dimension dynamic; with the tokenizer and `classifier.json` beside it.
+Either way a classifier with a TF-IDF half (`finetune.tfidf_weight`) brings `tfidf.json` and `tfidf.safetensors`,
+and `classifier.json` says how to fuse them.
 """
 
 import json
@@ -39,12 +41,23 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
     return {"bos": added[0] if added else eos, "eos": eos, "pad": padding_id(tokenizer)}
 
 
-def head_card(reader: LoadedClassifier, **extra) -> dict:
-    """classifier.json of an export: everything needed to turn token states (or ids) into the labels' probabilities."""
+FUSION = ("the delivered probabilities (gptpipe predict's) are these times TF-IDF's raised to tfidf_weight, "
+          "renormalised: TF-IDF's = softmax(tfidf.safetensors' coef @ x + intercept), x the text's l2-normalised "
+          "1-2-gram counts (sublinear tf: 1 + log) times idf, over tfidf.json's vocabulary (scikit-learn's "
+          "TfidfVectorizer(vocabulary=..., ngram_range=(1, 2), sublinear_tf=True) with idf_ set computes x)")
+
+
+def head_card(reader: LoadedClassifier, staging: Path, **extra) -> dict:
+    """classifier.json of an export: everything needed to turn token states (or ids) into the labels' probabilities;
+    the TF-IDF half's files are written beside it where the classifier has one."""
     config = reader.model.backbone.config
+    fusion = {}
+    if reader.tfidf is not None:
+        reader.tfidf.save(staging)
+        fusion = {"tfidf_weight": reader.tfidf_weight, "tfidf_fusion": FUSION}
     return {"labels": reader.labels, "pooling": reader.model.pooling, "temperature": reader.temperature,
             "context_length": config.context_length, "max_chunks": reader.max_chunks,
-            "pad_token_id": padding_id(reader.tokenizer), **extra}
+            "pad_token_id": padding_id(reader.tokenizer), **extra, **fusion}
 
 
 def export_hf(reader: LoadedClassifier, out: Path, source: dict) -> None:
@@ -64,7 +77,8 @@ def export_hf(reader: LoadedClassifier, out: Path, source: dict) -> None:
         head = reader.model.head
         save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
                   str(staging / "classifier_head.safetensors"))
-        card = head_card(reader, format="hf", architecture=hf_config(config, family, special)["architectures"][0],
+        card = head_card(reader, staging, format="hf",
+                         architecture=hf_config(config, family, special)["architectures"][0],
                          source=source,
                          how=("logits = head(states mean-pooled over each window's tokens with mask 1 (pooling "
                               "'mean') or taken at its last such token ('last'); windows of context_length tokens "
@@ -108,10 +122,11 @@ def export_onnx(reader: LoadedClassifier, out: Path, source: dict) -> None:
         for file in Path(scratch).iterdir():  # model.onnx, and its weights beside it when they are large
             file.rename(staging / file.name)
         reader.tokenizer.save(str(staging / "tokenizer.json"))
-        card = head_card(reader, format="onnx", source=source,
+        card = head_card(reader, staging, format="onnx", source=source,
                          inputs="input_ids, attention_mask: int64 (batch, windows, tokens); each text as up to "
                          "max_chunks consecutive windows of at most context_length tokens, mask 1 for real tokens",
-                         outputs="probabilities: float32 (batch, labels), temperature-scaled, in the order of labels")
+                         outputs="probabilities: float32 (batch, labels), the GPT's, temperature-scaled, in the "
+                         "order of labels")
         (staging / "classifier.json").write_text(json.dumps(card, indent=2) + "\n")
 
 

@@ -44,7 +44,7 @@ from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params, load_params
 from components.sources import file_sha256
 from components.special_tokens import padding_id
-from components.tfidf import tfidf_logreg
+from components.tfidf import TfidfLogreg
 from components.tokenize import held_out_texts, unlabeled_texts
 from components.training import adamw, make_trainer, resolve_precision, warmup_cosine
 
@@ -346,23 +346,30 @@ def self_training_pool(params: Params, prepared: Path, labeled: pl.DataFrame) ->
 
 def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[], GPT], tokenizer: Tokenizer,
                             work_dir: Path, train: pl.DataFrame | None = None, select_on_val: bool = True,
-                            curves: Path | None = None) -> tuple[Classifier, dict]:
+                            curves: Path | None = None) -> tuple[LoadedClassifier, dict]:
     """`finetune` from the weights `initial` builds; then, with `finetune.pseudo_labels` K and task texts without
     labels (`self_training_pool`), self-training: the model labels them, and its surest K x (labels per class)
     guesses of each class, kept only where TF-IDF trained on the same labels agrees (`pseudo_label_agreement`),
     join the labels in a fresh fine-tune from the same initial weights; round r of `pseudo_label_rounds` takes
-    r x K from the model the round before. The summary counts the last round's guesses (`pseudo_labeled`);
+    r x K from the model the round before. Returns the delivered classifier (the last model, with that TF-IDF
+    fused in at `finetune.tfidf_weight`) and a summary counting the last round's guesses (`pseudo_labeled`);
     `train_examples` counts the labels."""
     cfg = params.finetune
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
+    labels = json.loads((prepared / "labels.json").read_text())
     pool = self_training_pool(params, prepared, train) if cfg.pseudo_labels else []
+    tfidf = (TfidfLogreg.fit(train, labels, params.seed)
+             if cfg.tfidf_weight or (pool and cfg.pseudo_label_agreement) else None)
+
+    def delivered(model: Classifier, summary: dict) -> LoadedClassifier:
+        return LoadedClassifier(model, tokenizer, labels, summary.get("temperature", 1.0), cfg.max_chunks,
+                                tfidf if cfg.tfidf_weight else None, cfg.tfidf_weight)
+
     if not pool:
         model, summary = finetune(params, prepared, initial(), tokenizer, work_dir, train, select_on_val, curves)
-        return model, {**summary, "pseudo_labeled": 0}
+        return delivered(model, summary), {**summary, "pseudo_labeled": 0}
     model, _ = finetune(params, prepared, initial(), tokenizer, work_dir / "labeled", train, select_on_val)
-    labels = json.loads((prepared / "labels.json").read_text())
-    second_view = (tfidf_logreg(train, pl.DataFrame({"text": pool}), params.seed) if cfg.pseudo_label_agreement
-                   else None)
+    second_view = tfidf.predict(pool) if cfg.pseudo_label_agreement else None
     per_class = math.ceil(train.height / len(labels)) * cfg.pseudo_labels
     labeler = f"{train.height} labels"
     for round_ in range(1, cfg.pseudo_label_rounds + 1):
@@ -375,17 +382,21 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
                                   pl.concat([train.select("text", "label"), guessed]), select_on_val,
                                   curves if last else None, labeled=train.height)
         labeler = f"{train.height} labels and {guessed.height} guesses"
-    return model, {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
+    return delivered(model, summary), {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
 
 
 def save_classifier(classifier: Classifier, tokenizer_file: Path, summary: dict, cfg: FinetuneParams,
-                    out: Path) -> None:
-    """Weights with the plain GPT keys (adapters merged), how to read a text, the fitted temperature."""
+                    out: Path, tfidf: TfidfLogreg | None = None) -> None:
+    """Weights with the plain GPT keys (adapters merged), how to read a text, the fitted temperature, and the
+    TF-IDF half with its weight where there is one."""
     with atomic_dir(out) as staging:
         save_model(classifier, str(staging / "model.safetensors"))
         meta = {"gpt": classifier.backbone.config.to_dict(), "labels": summary["labels"], "pooling": cfg.pooling,
                 "max_chunks": cfg.max_chunks, "temperature": summary.get("temperature", 1.0),
+                "tfidf_weight": cfg.tfidf_weight if tfidf else 0.0,
                 "tokenizer_sha256": file_sha256(tokenizer_file)}
+        if tfidf:
+            tfidf.save(staging)
         (staging / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copy(tokenizer_file, staging / "tokenizer.json")
         (staging / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -407,12 +418,14 @@ def main() -> None:
         work_curves = Path(work_dir) / "curves"
         classifier, summary = finetune_and_self_train(params, args.prepared, lambda: load_backbone(args.pretrained),
                                                       tokenizer, Path(work_dir), curves=work_curves)
-        save_classifier(classifier, args.pretrained / "tokenizer.json", summary, params.finetune, args.out)
+        save_classifier(classifier.model, args.pretrained / "tokenizer.json", summary, params.finetune, args.out,
+                        classifier.tfidf)
         publish_curves(work_curves, args.curves)
     print(f"finetune: {summary['strategy']}, best val macro-F1 {summary['val_macro_f1']:.3f} on "
           f"{summary['train_examples']} examples (+{summary['pseudo_labeled']} self-trained); "
           f"temperature {summary['temperature']:.2f} "
-          f"(val NLL {summary['val_nll']['before']:.3f} -> {summary['val_nll']['after']:.3f})")
+          f"(val NLL {summary['val_nll']['before']:.3f} -> {summary['val_nll']['after']:.3f})"
+          + (f"; TF-IDF on the same labels fused in at weight {classifier.tfidf_weight}" if classifier.tfidf else ""))
 
 
 if __name__ == "__main__":

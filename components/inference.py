@@ -13,6 +13,7 @@ from components.errors import InputError
 from components.model import GPT, Classifier, GPTConfig
 from components.sources import file_sha256
 from components.special_tokens import padding_id
+from components.tfidf import TfidfLogreg
 
 PREDICT_BATCH = 32
 
@@ -101,16 +102,26 @@ class LoadedClassifier:
     labels: list[str]
     temperature: float
     max_chunks: int = 1
+    tfidf: TfidfLogreg | None = None  # the bag-of-words half, fused at `tfidf_weight` (finetune.tfidf_weight)
+    tfidf_weight: float = 0.0
 
     def predict_logits(self, texts: list[str]) -> torch.Tensor:
-        """Raw logits (N, classes), before temperature scaling."""
+        """The GPT's raw logits (N, classes), before temperature scaling and without the TF-IDF half."""
         context = self.model.backbone.config.context_length
         rows = text_windows(self.tokenizer, texts, context, self.max_chunks)
         return classify_windows(self.model, rows, padding_id(self.tokenizer), PREDICT_BATCH)
 
+    def fuse(self, logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Probabilities (N, classes) of `texts` from their GPT `logits`: the GPT's, scaled by the temperature fitted
+        on the validation split, times TF-IDF's to the power `tfidf_weight`, renormalised."""
+        log_probs = torch.log_softmax(logits / self.temperature, dim=-1)
+        if self.tfidf is not None:
+            log_probs = log_probs + self.tfidf_weight * self.tfidf.log_proba(texts)
+        return torch.softmax(log_probs, dim=-1)
+
     def predict_proba(self, texts: list[str]) -> torch.Tensor:
-        """Probabilities (N, classes), scaled by the temperature fitted on the validation split."""
-        return torch.softmax(self.predict_logits(texts) / self.temperature, dim=-1)
+        """Probabilities (N, classes): the delivered classifier's, the TF-IDF half fused in where it has one."""
+        return self.fuse(self.predict_logits(texts), texts)
 
 
 def load_classifier(folder: Path) -> LoadedClassifier:
@@ -128,4 +139,10 @@ def load_classifier(folder: Path) -> LoadedClassifier:
                          f"model's {backbone.config.vocab_size} embeddings; the folder mixes two trainings")
     model = Classifier(backbone, len(meta["labels"]), meta["pooling"])
     load_weights(model, folder / "model.safetensors")
-    return LoadedClassifier(model, tokenizer, meta["labels"], meta.get("temperature", 1.0), meta.get("max_chunks", 1))
+    weight = meta.get("tfidf_weight", 0.0)  # absent in folders written before classifiers had a TF-IDF half
+    tfidf = TfidfLogreg.load(folder) if weight else None
+    if tfidf is not None and tfidf.labels != meta["labels"]:
+        raise InputError(f"{folder}/tfidf.json: its labels differ from classifier.json's; the folder mixes two "
+                         "trainings, re-run the finetune stage that wrote it")
+    return LoadedClassifier(model, tokenizer, meta["labels"], meta.get("temperature", 1.0), meta.get("max_chunks", 1),
+                            tfidf, weight)

@@ -38,7 +38,7 @@ def loaded(folder: Path) -> "LoadedClassifier":
 
 
 def predicted_labels(model: "LoadedClassifier", texts: list[str]) -> list[str]:
-    return [model.labels[i] for i in model.predict_logits(texts).argmax(dim=-1).tolist()]
+    return [model.labels[i] for i in model.predict_proba(texts).argmax(dim=-1).tolist()]
 
 
 def paired_comparison(truth: list[str], candidate: list[str], champion: list[str], labels: list[str],

@@ -33,6 +33,7 @@ from components.inference import LoadedClassifier, load_backbone
 from components.model import GPT, Classifier, GPTConfig
 from components.model_card import self_training_note
 from components.params import Params
+from components.tfidf import TfidfLogreg
 from tests.components.test_finetune import TINY, make_workspace
 from tests.conftest import TINY_PARAMS
 
@@ -67,8 +68,10 @@ def test_temperature_scaling_lowers_ece_on_overconfident_predictions():
     predicted = torch.where(torch.rand(600, generator=generator) < 0.75, truth, (truth + 1) % 3)
     logits = 6.0 * F.one_hot(predicted, 3).float()
     assert expected_calibration_error(torch.softmax(logits, -1), truth) > 0.2
-    result = calibration(logits, truth, fit_temperature(logits, truth))
+    temperature = fit_temperature(logits, truth)
+    result = calibration(logits, truth, temperature, torch.softmax(logits / temperature, dim=-1))
     assert result["test_ece_after"] < 0.05 < result["test_ece_before"]
+    assert result["test_ece_delivered"] == result["test_ece_after"]
     assert result["test_nll_after"] < result["test_nll_before"]
 
 
@@ -112,7 +115,10 @@ def test_evaluate_writes_the_reports(tmp_path):
     with tempfile.TemporaryDirectory() as work_dir:
         classifier, summary = finetune(params, prepared, load_backbone(pretrained), tokenizer, Path(work_dir),
                                        curves=curves / "finetune")
-    save_classifier(classifier, pretrained / "tokenizer.json", summary, params.finetune, tmp_path / "classifier")
+    train = pl.read_parquet(prepared / "train.parquet")
+    tfidf = TfidfLogreg.fit(train, sorted(set(train["label"])), params.seed)
+    save_classifier(classifier, pretrained / "tokenizer.json", summary, params.finetune, tmp_path / "classifier",
+                    tfidf)
     out = tmp_path / "reports"
     metrics = evaluate(params, prepared, pretrained, tmp_path / "classifier", curves, out)
 
@@ -120,6 +126,9 @@ def test_evaluate_writes_the_reports(tmp_path):
     test = metrics["finetune"]["test"]
     assert {"accuracy", "macro_f1", "accuracy_ci95", "macro_f1_ci95", "per_class", "confusion_matrix"} <= set(test)
     assert metrics["finetune"]["calibration"]["temperature"] == summary["temperature"]
+    # delivered: the GPT with the TF-IDF half fused in; the GPT alone reported beside it
+    assert metrics["finetune"]["tfidf_weight"] == params.finetune.tfidf_weight > 0
+    assert set(metrics["finetune"]["test_gpt_alone"]) == set(test)
     test_texts = pl.read_parquet(prepared / "test.parquet").height
     for name in ("scratch", "tfidf_logreg", "zero_shot", "few_shot"):
         assert set(metrics["baselines"][name]["test"]) == set(test)
@@ -133,6 +142,8 @@ def test_evaluate_writes_the_reports(tmp_path):
     curve = json.loads((out / "label_efficiency.json").read_text())
     assert [row["labels_per_class"] for row in curve] == [2, None]  # null: every training label
     assert curve[0]["train_examples"] == 2 * 3 and curve[1]["train_examples"] == 54
+    assert set(metrics["baselines"]["scratch"]["test_gpt_alone"]) == {"accuracy", "macro_f1", "per_class",
+                                                                       "confusion_matrix"}
     for row in curve:
         for name in ("pretrained", "scratch", "tfidf_logreg"):
             assert set(row[name]) == {"accuracy", "macro_f1"} and 0 <= row[name]["macro_f1"] <= 1

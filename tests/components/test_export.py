@@ -4,6 +4,7 @@ and as ONNX that onnxruntime runs with the same probabilities as `gptpipe predic
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from components.params import FinetuneParams
 from components.predict import load_registered, predict
 from components.registry import Registry
 from components.special_tokens import padding_id
+from components.tfidf import TfidfLogreg
 from components.tokenize import train_tokenizer
 from tests.components.hf_models import MIXED_LENGTHS, TEXTS, save_published
 from tests.conftest import ROOT, gptpipe
@@ -38,9 +40,9 @@ def backbone_of(family: str, tmp_path) -> tuple[GPT, Tokenizer]:
     return load_backbone(foundation.folder), Tokenizer.from_file(str(foundation.folder / "tokenizer.json"))
 
 
-def register(family: str, tmp_path, pooling: str = "mean") -> tuple[str, str]:
-    """A classifier on the family's backbone (a random head: export must carry it exactly), registered; returns
-    (registry uri, model ref)."""
+def register(family: str, tmp_path, pooling: str = "mean", tfidf: TfidfLogreg | None = None) -> tuple[str, str]:
+    """A classifier on the family's backbone (a random head: export must carry it exactly), with `tfidf` as its
+    bag-of-words half, registered; returns (registry uri, model ref)."""
     backbone, tokenizer = backbone_of(family, tmp_path)
     torch.manual_seed(1)
     classifier = Classifier(backbone, len(LABELS), pooling)
@@ -49,7 +51,8 @@ def register(family: str, tmp_path, pooling: str = "mean") -> tuple[str, str]:
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     folder = tmp_path / "classifier"
     cfg = FinetuneParams(pooling=pooling, max_chunks=3)
-    save_classifier(classifier, tmp_path / "tokenizer.json", {"labels": LABELS, "temperature": 1.7}, cfg, folder)
+    save_classifier(classifier, tmp_path / "tokenizer.json", {"labels": LABELS, "temperature": 1.7}, cfg, folder,
+                    tfidf)
     uri = str(tmp_path / "registry")
     Registry(uri).register("tiny", folder, {"kind": "classifier"})
     return uri, "tiny@latest"
@@ -111,6 +114,39 @@ def test_the_onnx_export_gives_predicts_probabilities(tmp_path):
     (probs,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     assert probs.shape == (3, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert card["pad_token_id"] == padding_id(reader.tokenizer)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "hf"])
+def test_an_export_carries_the_tfidf_half_and_fusing_it_as_its_card_says_gives_predicts_probabilities(fmt, tmp_path):
+    import onnxruntime
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [" ".join(TEXTS[i : i + 3]) for i in range(12)]
+    train = pl.DataFrame({"text": texts, "label": [LABELS[i % 3] for i in range(12)]})
+    uri, ref = register("here", tmp_path, tfidf=TfidfLogreg.fit(train, LABELS, seed=0))
+    reader, manifest = load_registered(uri, ref)
+    assert reader.tfidf is not None and reader.tfidf_weight == FinetuneParams().tfidf_weight
+    out = tmp_path / "export"
+    export(reader, manifest, fmt, out)
+    card = json.loads((out / "classifier.json").read_text())
+    if fmt == "onnx":
+        ids, mask = encode_chunks(reader.tokenizer, texts, card["context_length"], card["max_chunks"])
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+        (gpt,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    else:
+        gpt = torch.softmax(reader.predict_logits(texts) / card["temperature"], dim=-1).numpy()
+    # The TF-IDF half as the card describes it, from the exported files alone.
+    vocabulary = json.loads((out / "tfidf.json").read_text())
+    half = load_file(out / "tfidf.safetensors")
+    features = TfidfVectorizer(vocabulary=vocabulary["vocabulary"], ngram_range=(1, 2), sublinear_tf=True)
+    features.idf_ = half["idf"].numpy()
+    bag_of_words = torch.softmax(torch.from_numpy(features.transform(texts) @ half["coef"].numpy().T)
+                                 + half["intercept"], dim=-1).numpy()
+    fused = gpt * bag_of_words ** card["tfidf_weight"]
+    fused /= fused.sum(axis=1, keepdims=True)
+    expected = np.array([[row["probs"][label] for label in card["labels"]] for row in predict(reader, texts)])
+    assert vocabulary["labels"] == card["labels"] and "tfidf_fusion" in card
+    assert np.abs(fused - expected).max() < 1e-4
 
 
 def test_export_refuses_what_it_cannot_write_with_one_line(tmp_path):

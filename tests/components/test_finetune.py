@@ -47,6 +47,7 @@ from components.inference import (
 from components.model import GPT, Classifier, GPTConfig, add_lora, merge_lora
 from components.params import FinetuneParams, Params, to_yaml
 from components.special_tokens import padding_id
+from components.tfidf import TfidfLogreg
 from components.tokenize import train_tokenizer
 from tests.conftest import TINY_PARAMS, support_tickets
 
@@ -314,6 +315,31 @@ def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labe
         assert summary["pseudo_labeled"] == 0
     assert summary["steps"] == math.ceil((9 + summary["pseudo_labeled"]) / 8)  # one epoch over labels and guesses
     assert summary["learning_rate"] == pytest.approx(1e-3 * (1 / 3) ** 0.25)  # the 9 labels' rate: guesses not counted
+
+
+def test_the_delivered_classifier_fuses_tfidf_fitted_on_the_same_labels(workspace, tmp_path):
+    prepared, pretrained = workspace
+    tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
+    train, test = pl.read_parquet(prepared / "train.parquet"), pl.read_parquet(prepared / "test.parquet")
+    texts, labels = test["text"].to_list(), json.loads((prepared / "labels.json").read_text())
+    for weight in (1.5, 0.0):
+        params = tiny_params(pseudo_labels=0, tfidf_weight=weight)
+        reader, summary = finetune_and_self_train(params, prepared, lambda: load_backbone(pretrained), tokenizer,
+                                                  tmp_path / f"work-{weight}")
+        gpt = torch.log_softmax(reader.predict_logits(texts) / summary["temperature"], dim=-1)
+        bag_of_words = TfidfLogreg.fit(train, labels, params.seed).log_proba(texts)
+        expected = torch.softmax(gpt + weight * bag_of_words, dim=-1)
+        assert torch.allclose(reader.predict_proba(texts), expected, atol=1e-6)
+
+        out = tmp_path / f"classifier-{weight}"
+        save_classifier(reader.model, pretrained / "tokenizer.json", summary, params.finetune, out, reader.tfidf)
+        half = {"tfidf.json", "tfidf.safetensors"}
+        assert half <= {p.name for p in out.iterdir()} if weight else not half & {p.name for p in out.iterdir()}
+        assert json.loads((out / "classifier.json").read_text())["tfidf_weight"] == weight
+        assert torch.allclose(load_classifier(out).predict_proba(texts), expected, atol=1e-5)
+        if weight:  # the tickets' words give their labels away, which one epoch of a random tiny GPT has not learnt
+            truth = torch.tensor([labels.index(label) for label in test["label"]])
+            assert (expected.argmax(-1) == truth).float().mean() > (gpt.argmax(-1) == truth).float().mean()
 
 
 def test_stage_writes_curves_with_a_row_per_step(workspace, tmp_path):

@@ -1,0 +1,47 @@
+"""TF-IDF + logistic regression as the classifier's bag-of-words half: the same probabilities as scikit-learn's,
+kept exactly through its JSON + safetensors files."""
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from components.errors import InputError
+from components.tfidf import VOCABULARY_FILE, TfidfLogreg, vectorizer
+from tests.conftest import support_tickets
+
+TICKETS = pl.DataFrame(support_tickets(rows_per_label=20))
+LABELS = sorted(set(TICKETS["label"]))
+UNSEEN = ["my invoice and password both broke", "refund please", "nothing in the vocabulary here"]
+
+
+@pytest.mark.parametrize("classes", [3, 2])
+def test_probabilities_are_scikit_learns_and_survive_a_round_trip(classes, tmp_path):
+    train = TICKETS.filter(pl.col("label").is_in(LABELS[:classes]))
+    fitted = TfidfLogreg.fit(train, LABELS[:classes], seed=0)
+    features = vectorizer()
+    reference = LogisticRegression(C=10.0, max_iter=2000, random_state=0)
+    reference.fit(features.fit_transform(train["text"].to_list()), train["label"].to_list())
+    expected = reference.predict_proba(features.transform(UNSEEN))  # classes_ sorted, as LABELS
+    assert np.abs(fitted.log_proba(UNSEEN).exp().numpy() - expected).max() < 1e-6
+    assert fitted.predict(UNSEEN) == reference.predict(features.transform(UNSEEN)).tolist()
+
+    fitted.save(tmp_path)
+    loaded = TfidfLogreg.load(tmp_path)
+    assert loaded.labels == LABELS[:classes]
+    assert np.array_equal(loaded.log_proba(UNSEEN).numpy(), fitted.log_proba(UNSEEN).numpy())
+
+
+def test_a_label_without_training_rows_gets_no_probability():
+    train = TICKETS.filter(pl.col("label") != LABELS[1])
+    fitted = TfidfLogreg.fit(train, LABELS, seed=0)
+    probs = fitted.log_proba(UNSEEN).exp()
+    assert probs.shape == (len(UNSEEN), len(LABELS))
+    assert probs[:, 1].max() < 1e-6 and np.allclose(probs.sum(dim=1), 1, atol=1e-6)
+
+
+def test_an_unreadable_half_is_one_line_naming_the_file(tmp_path):
+    TfidfLogreg.fit(TICKETS, LABELS, seed=0).save(tmp_path)
+    (tmp_path / VOCABULARY_FILE).write_text("{not json")
+    with pytest.raises(InputError, match=f"{tmp_path}/{VOCABULARY_FILE}: the classifier's TF-IDF half"):
+        TfidfLogreg.load(tmp_path)
