@@ -6,7 +6,9 @@ the task's text only at the same step budget; prints one JSON table and writes i
 
 Each row: test accuracy and macro-F1 at 10 labels per class and on all labels for the foundation recipe
 (`foundation`), task-only pre-training (`task_only`), the same model without pre-training (`scratch`, 10 per
-class), TF-IDF + logistic regression (`tfidf_logreg`) and zero-shot prompting of the continued foundation.
+class), TF-IDF + logistic regression (`tfidf_logreg`) and zero-shot prompting of the continued foundation; the
+models are the delivered classifiers (the GPT with its TF-IDF half), and `foundation_gpt_alone` is the foundation
+recipe's GPT without that half.
 """
 
 import argparse
@@ -85,9 +87,11 @@ def devset_row(devset: Path, workdir: Path, log, with_task_only: bool = True) ->
     return {
         "devset": devset.name, "classes": len(base["metrics"]["finetune"]["test"]["per_class"]),
         "at_10_per_class": {"foundation": scores(at10["pretrained"]),
+                            "foundation_gpt_alone": scores(at10["pretrained_gpt_alone"]),
                             "task_only": narrow10 and scores(narrow10["pretrained"]),
                             "scratch": scores(at10["scratch"]), "tfidf_logreg": scores(at10["tfidf_logreg"])},
         "all_labels": {"foundation": scores(base["metrics"]["finetune"]["test"]),
+                       "foundation_gpt_alone": scores(base["metrics"]["finetune"]["test_gpt_alone"]),
                        "task_only": narrow and scores(narrow["metrics"]["finetune"]["test"]),
                        "tfidf_logreg": scores(baselines["tfidf_logreg"]["test"])},
         "zero_shot": scores(baselines["zero_shot"]["test"]),

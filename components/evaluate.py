@@ -264,20 +264,24 @@ class LabelEfficiency:
             return finetune_and_self_train(self.params, self.prepared, initial, self.reader.tokenizer, Path(work_dir),
                                            train, select_on_val=train is None)
 
-    def curve(self, finetuned: dict) -> list[dict]:
+    def curve(self, finetuned: dict, finetuned_gpt_alone: dict) -> list[dict]:
+        """Per label budget: the pre-trained and scratch models fine-tuned on it, TF-IDF on the same labels, and
+        the pre-trained GPT without its TF-IDF half; `all` reuses the delivered classifier's scores."""
         rows = []
         for budget in self.params.evaluate.label_budgets:
             per_class = None if budget == "all" else budget
             sample = self.train if per_class is None else per_class_sample(self.train, self.reader.labels, per_class,
                                                                           self.params.seed)
-            pretrained = finetuned if per_class is None else self.score("pretrained", per_class)["test"]
+            pretrained = ((finetuned, finetuned_gpt_alone) if per_class is None else
+                          (self.score("pretrained", per_class)["test"],
+                           self.score("pretrained", per_class)["test_gpt_alone"]))
             tfidf = scores(self.test["label"].to_list(), tfidf_logreg(sample, self.test, self.params.seed),
                            self.reader.labels)
             rows.append({"labels_per_class": per_class, "train_examples": sample.height,
                          **{name: {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
-                            for name, result in (("pretrained", pretrained),
+                            for name, result in (("pretrained", pretrained[0]),
                                                  ("scratch", self.score("scratch", per_class)["test"]),
-                                                 ("tfidf_logreg", tfidf))}})
+                                                 ("tfidf_logreg", tfidf), ("pretrained_gpt_alone", pretrained[1]))}})
         return rows
 
 
@@ -349,7 +353,7 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
         metrics["baselines"]["few_shot"] = {"test": scores(truth, guesses, labels, cfg.bootstrap_samples,
                                                            params.seed), "labels_per_class": prompt.per_class}
     runs = LabelEfficiency(params, prepared, pretrained, classifier, test)
-    curve = runs.curve(finetuned)
+    curve = runs.curve(finetuned, gpt_alone)
     if "scratch" in cfg.baselines:
         metrics["baselines"]["scratch"] = runs.score("scratch", cfg.scratch_labels_per_class)
     # reports

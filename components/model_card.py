@@ -10,7 +10,12 @@ def _interval(result: dict, key: str) -> str:
 
 
 def _results_table(metrics: dict) -> list[str]:
-    rows = [("fine-tuned GPT (this model)", "all", metrics["finetune"]["test"])]
+    finetuned = metrics["finetune"]
+    if finetuned.get("tfidf_weight"):
+        rows = [("this model: fine-tuned GPT x TF-IDF", "all", finetuned["test"]),
+                ("its fine-tuned GPT alone", "all", finetuned["test_gpt_alone"])]
+    else:
+        rows = [("fine-tuned GPT (this model)", "all", finetuned["test"])]
     rows += [(name, result.get("labels_per_class") or "all", result["test"])
              for name, result in metrics["baselines"].items()]
     lines = ["| model | labels per class | accuracy (95% CI) | macro-F1 (95% CI) |", "|---|---|---|---|"]
@@ -65,6 +70,13 @@ def self_training_note(finetuned: dict, rounds: int) -> str:
             "guesses), joined them in the last fine-tune.")
 
 
+def fusion_note(finetuned: dict) -> str:
+    if not finetuned.get("tfidf_weight"):
+        return ""
+    return (" Its probabilities are the GPT's times those of TF-IDF + logistic regression fitted on the same labels, "
+            f"raised to the power {finetuned['tfidf_weight']:g}, renormalised (`finetune.tfidf_weight`).")
+
+
 def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, labels: list[str]) -> str:
     cfg, pretrain = params.finetune, metrics["pretrain"]
     model, foundation = pretrain["config"], pretrain.get("foundation")
@@ -93,7 +105,7 @@ def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, l
         f"strategy `{cfg.strategy}`, `{cfg.pooling}` pooling over up to {cfg.max_chunks} window(s) per text, "
         f"{metrics['finetune'].get('epochs_trained', cfg.epochs)} epoch(s), best epoch by validation macro-F1 "
         f"({metrics['finetune'].get('val_macro_f1', float('nan')):.3f})."
-        f"{self_training_note(metrics['finetune'], cfg.pseudo_label_rounds)}",
+        f"{self_training_note(metrics['finetune'], cfg.pseudo_label_rounds)}{fusion_note(metrics['finetune'])}",
         "",
         "## Data",
         f"Labeled data `{params.data.labeled.path}`, split by seed {params.seed}: {splits['train']} train, "
@@ -109,7 +121,8 @@ def model_card(params: Params, metrics: dict, curve: list[dict], splits: dict, l
         f"Temperature {calibrated['temperature']:.2f}, fitted on the validation split: test expected calibration "
         f"error {calibrated['test_ece_before']:.3f} before and {calibrated['test_ece_after']:.3f} after "
         f"({calibrated['bins']} bins); test NLL {calibrated['test_nll_before']:.3f} -> "
-        f"{calibrated['test_nll_after']:.3f}. The most confident mistakes are in `mistakes.md`.",
+        f"{calibrated['test_nll_after']:.3f}; the delivered probabilities (TF-IDF fused in, where it is): "
+        f"{calibrated['test_ece_delivered']:.3f}. The most confident mistakes are in `mistakes.md`.",
         "",
         "## Label efficiency (test macro-F1)",
         *_curve_table(curve),

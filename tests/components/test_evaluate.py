@@ -145,8 +145,9 @@ def test_evaluate_writes_the_reports(tmp_path):
     assert set(metrics["baselines"]["scratch"]["test_gpt_alone"]) == {"accuracy", "macro_f1", "per_class",
                                                                        "confusion_matrix"}
     for row in curve:
-        for name in ("pretrained", "scratch", "tfidf_logreg"):
+        for name in ("pretrained", "scratch", "tfidf_logreg", "pretrained_gpt_alone"):
             assert set(row[name]) == {"accuracy", "macro_f1"} and 0 <= row[name]["macro_f1"] <= 1
+    assert curve[1]["pretrained_gpt_alone"]["accuracy"] == metrics["finetune"]["test_gpt_alone"]["accuracy"]
     assert curve[1]["pretrained"]["accuracy"] == pytest.approx(test["accuracy"])
     assert curve[0]["scratch"]["macro_f1"] == metrics["baselines"]["scratch"]["test"]["macro_f1"]
     for png in ("confusion_matrix.png", "label_efficiency.png", "training_curves.png"):
@@ -154,6 +155,9 @@ def test_evaluate_writes_the_reports(tmp_path):
     assert (out / "mistakes.md").read_text().startswith("| confidence | true | predicted | text |")
     card = (out / "model_card.md").read_text()
     assert "## Limits" in card and f"{test['accuracy']:.3f} (" in card
+    alone = metrics["finetune"]["test_gpt_alone"]
+    assert f"| its fine-tuned GPT alone | all | {alone['accuracy']:.3f} (" in card
+    assert f"raised to the power {params.finetune.tfidf_weight:g}" in card
     few_shot = metrics["baselines"]["few_shot"]["test"]
     assert f"| few_shot | 2 | {few_shot['accuracy']:.3f} ({few_shot['accuracy_ci95'][0]:.3f}-" in card
 
