@@ -38,7 +38,7 @@ from components.figures import save_figure
 from components.finetune import finetune_and_self_train
 from components.inference import LoadedClassifier, load_backbone, load_classifier
 from components.model import GPT, KeyValues
-from components.model_card import model_card
+from components.model_card import delivered_rows, model_card
 from components.params import Params, load_params
 from components.tfidf import tfidf_logreg
 
@@ -358,7 +358,7 @@ def evaluate(params: Params, prepared: Path, pretrained: Path, classifier_dir: P
         metrics["baselines"]["scratch"] = runs.score("scratch", cfg.scratch_labels_per_class)
     # reports
     plot_confusion(truth, predicted, labels, out / layout.CONFUSION_PLOT.name,
-                   f"Fine-tuned GPT on {len(truth)} test texts: accuracy {finetuned['accuracy']:.3f}")
+                   f"{delivered_rows(metrics)[0][0]} on {len(truth)} test texts: accuracy {finetuned['accuracy']:.3f}")
     write_json_atomic(out / layout.LABEL_EFFICIENCY.name, curve)
     plot_label_efficiency(curve, len(labels), out / layout.LABEL_EFFICIENCY_PLOT.name)
     pretraining = "continued pre-training" if metrics["pretrain"].get("foundation") else "pre-training"
@@ -382,7 +382,7 @@ def main() -> None:
     args = parser.parse_args()
     metrics = evaluate(load_params(args.params), args.prepared, args.pretrained, args.classifier, args.curves,
                        args.out)
-    rows = [("fine-tuned GPT", metrics["finetune"]["test"])]
+    rows = delivered_rows(metrics)
     rows += [(f"{name} ({result['labels_per_class']}/class)" if result.get("labels_per_class") else name,
               result["test"]) for name, result in metrics["baselines"].items()]
     for name, result in rows:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from components import layout
 from components.errors import InputError, exit_on_input_error
+from components.model_card import delivered_rows
 from components.params import PARAMS_FILE, load_params
 
 # A signal ends `gptpipe run` within 10 s: the flow run reported crashed, then SIGTERM to SIGKILL for its processes.
@@ -149,10 +150,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def print_summary(stages_run: list[str], metrics: dict, registered: dict) -> None:
     print(f"stages run: {', '.join(stages_run) or 'none (all up to date)'}")
-    print(f"test accuracy {metrics['finetune']['test']['accuracy']:.4f}, "
-          f"macro-F1 {metrics['finetune']['test']['macro_f1']:.4f} (fine-tuned GPT)")
-    for name, baseline in metrics["baselines"].items():
-        print(f"test accuracy {baseline['test']['accuracy']:.4f}, macro-F1 {baseline['test']['macro_f1']:.4f} ({name})")
+    rows = [*delivered_rows(metrics), *((name, baseline["test"]) for name, baseline in metrics["baselines"].items())]
+    for name, test in rows:
+        print(f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} ({name})")
     print(f"registered {registered['name']}:{registered['version']} as {registered['alias']} in {registered['uri']}"
           f" ({registered['reason']})")
 

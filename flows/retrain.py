@@ -20,6 +20,7 @@ from prefect.states import Cancelling
 
 from components import layout
 from components.atomic import write_bytes_atomic
+from components.model_card import delivered_rows
 from components.params import PARAMS_FILE, Params, TeamParams, load_params
 from components.register import register
 from flows.params_file import write_params
@@ -76,7 +77,7 @@ def _headline(result: dict) -> dict:
 
 # Inlined as data URLs: they show in the UI without a file store the browser could reach.
 PLOT_ARTIFACTS = {
-    "confusion-matrix": (layout.CONFUSION_PLOT, "Test confusion matrix of the fine-tuned GPT"),
+    "confusion-matrix": (layout.CONFUSION_PLOT, "Test confusion matrix of the delivered classifier"),
     "label-efficiency-curve": (layout.LABEL_EFFICIENCY_PLOT, "Test macro-F1 by labels per class"),
     "text-lengths": (layout.LENGTHS_PLOT, "Text lengths of the prepared splits"),
     "training-curves": (layout.CURVES_PLOT, "Loss, validation scores, gradient norm and learning rate of "
@@ -85,7 +86,7 @@ PLOT_ARTIFACTS = {
 
 
 def publish_artifacts(repo: Path, metrics: dict, registered: dict) -> None:
-    rows = [{"model": "fine-tuned GPT", **_headline(metrics["finetune"]["test"])}]
+    rows = [{"model": name, **_headline(result)} for name, result in delivered_rows(metrics)]
     rows += [{"model": name, **_headline(result["test"])} for name, result in metrics["baselines"].items()]
     create_table_artifact(key="test-metrics", table=rows, description="Test accuracy and macro-F1, same split")
     curve = json.loads((repo / layout.LABEL_EFFICIENCY).read_text())

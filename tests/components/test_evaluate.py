@@ -156,7 +156,7 @@ def test_evaluate_writes_the_reports(tmp_path):
     card = (out / "model_card.md").read_text()
     assert "## Limits" in card and f"{test['accuracy']:.3f} (" in card
     alone = metrics["finetune"]["test_gpt_alone"]
-    assert f"| its fine-tuned GPT alone | all | {alone['accuracy']:.3f} (" in card
+    assert f"| fine-tuned GPT alone | all | {alone['accuracy']:.3f} (" in card
     assert f"raised to the power {params.finetune.tfidf_weight:g}" in card
     few_shot = metrics["baselines"]["few_shot"]["test"]
     assert f"| few_shot | 2 | {few_shot['accuracy']:.3f} ({few_shot['accuracy_ci95'][0]:.3f}-" in card
