@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 from tokenizers import Tokenizer
 
 from components.errors import InputError
-from components.model import GPT, Classifier, GPTConfig
+from components.model import GPT, Classifier, GPTConfig, load_weights
 from components.sources import file_sha256
 from components.special_tokens import padding_id
 from components.tfidf import TfidfLogreg
@@ -78,15 +77,6 @@ def classify_windows(model: Classifier, rows: list[Windows], pad: int, batch_siz
     for batch in batches_by_length(rows, batch_size):
         logits[batch] = model(*pad_windows([rows[i] for i in batch], pad, context)).float()
     return logits
-
-
-def load_weights(module: torch.nn.Module, file: Path) -> None:
-    """Load safetensors weights (tied embeddings handled), refusing a file written for another shape."""
-    try:
-        load_model(module, file, strict=True)
-    except RuntimeError as error:
-        raise InputError(f"{file}: weights do not match the config beside them ({str(error).splitlines()[0]}); "
-                         "the folder mixes two trainings, re-run the stage that wrote it") from None
 
 
 def load_backbone(folder: Path) -> GPT:

@@ -6,11 +6,15 @@ attention, no biases; Qwen2: the same with q/k/v biases), the way LitGPT's one `
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model
+
+from components.errors import InputError
 
 KeyValues = tuple[torch.Tensor, torch.Tensor]  # one layer's attention keys and values, each (B, n_kv, T, hs)
 Rotation = tuple[torch.Tensor, torch.Tensor]  # cos and sin of each position's rotary angles, (T, hs) or (B, 1, T, hs)
@@ -334,3 +338,12 @@ def merge_lora(model: GPT) -> GPT:
             if isinstance(getattr(parent, name), LoRALinear):
                 setattr(parent, name, getattr(parent, name).merged())
     return model
+
+
+def load_weights(module: torch.nn.Module, file: Path) -> None:
+    """Load safetensors weights (tied embeddings handled), refusing a file written for another shape."""
+    try:
+        load_model(module, file, strict=True)
+    except RuntimeError as error:
+        raise InputError(f"{file}: weights do not match the config beside them ({str(error).splitlines()[0]}); "
+                         "the folder mixes two trainings, re-run the stage that wrote it") from None

@@ -26,9 +26,8 @@ from components.atomic import atomic_dir, write_bytes_atomic
 from components.checkpoints import Foundation, resolve_foundation
 from components.curves import publish_curves
 from components.errors import InputError, exit_on_input_error
-from components.inference import load_weights
 from components.memory import check_fits, training_memory
-from components.model import GPT, GPTConfig
+from components.model import GPT, GPTConfig, load_weights
 from components.params import Params, PretrainParams, load_params
 from components.registry import open_store
 from components.training import TokenThroughput, adamw, make_trainer, resolve_precision, warmup_cosine
