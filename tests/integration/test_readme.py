@@ -4,6 +4,7 @@ the code. DVC's own commands included: `dvc plots show` draws the training curve
 `dvc metrics show` lists the test numbers, an experiment reruns only the stages its param reaches, a queued sweep
 runs and `dvc exp show` lists it with its params and metrics, and `dvc plots diff` compares two experiments."""
 
+import ast
 import json
 import os
 import re
@@ -80,6 +81,8 @@ def check_output(tool: str, args: list[str], stdout: str, project, shown: dict) 
     if args[0] == "predict" and "--output" in args:
         labeled = pl.read_parquet(project / args[args.index("--output") + 1])
         assert labeled.height == 2 and {"text", "label"} <= set(labeled.columns)
+    if args[0] == "export" and args[args.index("--format") + 1] == "onnx":
+        check_serving_example(project, args[args.index("--model") + 1])
     if args[:2] == ["registry", "show"]:
         return {"champion": json.loads(stdout)["version"]}
     if args[:2] == ["registry", "promote"]:
@@ -87,6 +90,23 @@ def check_output(tool: str, args: list[str], stdout: str, project, shown: dict) 
     if args[:2] == ["registry", "rollback"]:  # back to the champion shown before the promotion
         assert stdout.strip().endswith(f"-> version {shown['champion']}"), stdout
     return {}
+
+
+def check_serving_example(project, model: str) -> None:
+    """The README's Python example, run on the ONNX export, prints `gptpipe predict`'s probabilities (to its 3
+    decimals), the classifier's TF-IDF half included."""
+    assert json.loads((project / "exported/onnx/classifier.json").read_text())["tfidf_weight"] > 0
+    example = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    texts = ast.literal_eval(re.search(r"^texts = (\[.*\])$", example, flags=re.M).group(1))
+    served = subprocess.run([str(BIN / "python"), "-c", example], cwd=project, capture_output=True, text=True,
+                            timeout=300)
+    assert served.returncode == 0, served.stderr[-2000:]
+    predicted = gptpipe("predict", "--model", model, *texts, cwd=project)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    expected = [json.loads(line)["probs"] for line in predicted.stdout.splitlines()]
+    for row, probs in zip(ast.literal_eval(served.stdout.strip().splitlines()[-1]), expected, strict=True):
+        assert row.keys() == probs.keys()
+        assert all(abs(row[label] - probs[label]) <= 6e-4 for label in row), (row, probs)
 
 
 CURVES = ("train/loss", "train/lr", "train/grad_norm", "val/loss")
