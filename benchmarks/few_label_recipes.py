@@ -6,11 +6,15 @@ prints JSON lines as cells finish and a summary (mean and spread over seeds) at 
         --budget 10 --seeds 1 2 3 --recipe default= --recipe lr1e-3=finetune.learning_rate=0.001
 
 A recipe is NAME=OVERRIDE[,OVERRIDE...] on top of params.yaml (`--set` syntax); a budget is labels per class or
-`all` (the whole train split, best epoch on val). The seed draws the labeled sample and the training order.
+`all` (the whole train split, best epoch on val). The seed draws the labeled sample and the training order. Each
+cell scores the delivered classifier (the recipe's `finetune.tfidf_weight`) and its GPT alone; `--tfidf-weights
+0 1 2 ...` also scores the same fine-tuned GPT fused with TF-IDF at each of those weights (no more training).
 """
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -24,7 +28,7 @@ from components.evaluate import LabelEfficiency, per_class_sample, scores
 from components.inference import LoadedClassifier, load_backbone
 from components.model import Classifier
 from components.params import load_params
-from components.tfidf import tfidf_logreg
+from components.tfidf import TfidfLogreg, tfidf_logreg
 
 
 def named(pairs: list[str]) -> dict[str, str]:
@@ -32,18 +36,34 @@ def named(pairs: list[str]) -> dict[str, str]:
 
 
 def run_cell(params_file: Path, prepared: Path, pretrained: Path, overrides: list[str], budget: int | None,
-             test: pl.DataFrame) -> dict:
+             test: pl.DataFrame, tfidf_weights: list[float]) -> dict:
     params = load_params(params_file, overrides)
     labels = json.loads((prepared / "labels.json").read_text())
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
     # The label-budget runs read labels and tokenizer from it; their models start from `pretrained`.
     untrained = Classifier(load_backbone(pretrained), len(labels), params.finetune.pooling)
     reader = LoadedClassifier(untrained, tokenizer, labels, 1.0, params.finetune.max_chunks)
+    runs = LabelEfficiency(params, prepared, pretrained, reader, test)
+    train = None if budget is None else per_class_sample(runs.train, labels, budget, params.seed)
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # training's progress and notes: stdout holds only the JSON
-        result = LabelEfficiency(params, prepared, pretrained, reader, test).score("pretrained", budget)
-    return {"accuracy": round(result["test"]["accuracy"], 4), "macro_f1": round(result["test"]["macro_f1"], 4),
-            "epochs": result["epochs"], "seconds": round(time.perf_counter() - started, 1)}
+        delivered, summary = runs.finetune_from("pretrained", train)
+        texts, truth = test["text"].to_list(), test["label"].to_list()
+        logits = delivered.predict_logits(texts)
+        seconds = time.perf_counter() - started
+
+        def scored(probs) -> dict:
+            result = scores(truth, [labels[i] for i in probs.argmax(-1).tolist()], labels)
+            return {"accuracy": round(result["accuracy"], 4), "macro_f1": round(result["macro_f1"], 4)}
+
+        cell = {**scored(delivered.fuse(logits, texts)), "gpt_alone": scored(logits),
+                "epochs": summary["epochs_trained"], "seconds": round(seconds, 1)}
+        if tfidf_weights:
+            tfidf = delivered.tfidf or TfidfLogreg.fit(runs.train if train is None else train, labels, params.seed)
+            at = functools.partial(dataclasses.replace, delivered, tfidf=tfidf)
+            cell["by_tfidf_weight"] = {str(weight): scored(at(tfidf_weight=weight).fuse(logits, texts))
+                                       for weight in tfidf_weights}
+    return cell
 
 
 def tfidf_cell(prepared: Path, budget: int | None, seed: int, test: pl.DataFrame) -> dict:
@@ -77,6 +97,8 @@ def main() -> None:
     parser.add_argument("--budget", nargs="+", default=["10"], help="labels per class, or all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
     parser.add_argument("--tfidf", action="store_true", help="also TF-IDF + logistic regression on each sample")
+    parser.add_argument("--tfidf-weights", nargs="*", type=float, default=[],
+                        help="also score each fine-tuned GPT fused with TF-IDF at these weights")
     args = parser.parse_args()
     test = pl.read_parquet(args.prepared / "test.parquet")
     recipes = {name: [override for override in value.split(",") if override]
@@ -93,7 +115,7 @@ def main() -> None:
             for checkpoint, folder in named(args.pretrained).items():
                 for recipe, overrides in recipes.items():
                     cell = run_cell(Path("params.yaml"), args.prepared, Path(folder), [f"seed={seed}", *overrides],
-                                    budget, test)
+                                    budget, test, args.tfidf_weights)
                     row = {"checkpoint": checkpoint, "recipe": recipe, "budget": budget_name, "seed": seed, **cell}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
