@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -73,9 +74,9 @@ class TfidfLogreg:
             meta = json.loads((folder / VOCABULARY_FILE).read_text())
             tensors = load_file(str(folder / WEIGHTS_FILE))
             return cls(meta["vocabulary"], tensors["idf"], tensors["coef"], tensors["intercept"], meta["labels"])
-        except (OSError, KeyError, ValueError) as error:
-            raise InputError(f"{folder}/{VOCABULARY_FILE}: the classifier's TF-IDF half cannot be read ({error}); "
-                             "re-run the finetune stage that wrote the folder") from None
+        except (OSError, KeyError, ValueError, SafetensorError) as error:
+            raise InputError(f"{folder}/{VOCABULARY_FILE}, {WEIGHTS_FILE}: the classifier's TF-IDF half cannot be "
+                             f"read ({error}); re-run the finetune stage that wrote the folder") from None
 
 
 def tfidf_logreg(train: pl.DataFrame, test: pl.DataFrame, seed: int) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from components.errors import InputError
-from components.tfidf import VOCABULARY_FILE, TfidfLogreg, vectorizer
+from components.tfidf import VOCABULARY_FILE, WEIGHTS_FILE, TfidfLogreg, vectorizer
 from tests.conftest import support_tickets
 
 TICKETS = pl.DataFrame(support_tickets(rows_per_label=20))
@@ -40,8 +40,9 @@ def test_a_label_without_training_rows_gets_no_probability():
     assert probs[:, 1].max() < 1e-6 and np.allclose(probs.sum(dim=1), 1, atol=1e-6)
 
 
-def test_an_unreadable_half_is_one_line_naming_the_file(tmp_path):
+@pytest.mark.parametrize("broken, content", [(VOCABULARY_FILE, "{not json"), (WEIGHTS_FILE, "not safetensors")])
+def test_an_unreadable_half_is_one_line_naming_the_folder(broken, content, tmp_path):
     TfidfLogreg.fit(TICKETS, LABELS, seed=0).save(tmp_path)
-    (tmp_path / VOCABULARY_FILE).write_text("{not json")
-    with pytest.raises(InputError, match=f"{tmp_path}/{VOCABULARY_FILE}: the classifier's TF-IDF half"):
+    (tmp_path / broken).write_text(content)
+    with pytest.raises(InputError, match=f"{tmp_path}/{VOCABULARY_FILE}, {WEIGHTS_FILE}: the classifier's TF-IDF half"):
         TfidfLogreg.load(tmp_path)
