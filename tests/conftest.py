@@ -300,7 +300,8 @@ class CuttableProxy:
                     if markers := self._matches(self.answers_to_lose, data):
                         self.answers_to_lose.remove(markers)
                         losing.set()
-                elif losing.is_set() and re.match(rb"HTTP/1\.[01] 2", data):  # not a 100 Continue: the answer
+                # the success answer, not a 100 Continue, though one may share its read with the answer
+                elif losing.is_set() and re.search(rb"(?:^|\r\n)HTTP/1\.[01] 2", data):
                     self.lost += 1
                     self._close(source, sink)
                     return
