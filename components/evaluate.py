@@ -272,9 +272,8 @@ class LabelEfficiency:
             per_class = None if budget == "all" else budget
             sample = self.train if per_class is None else per_class_sample(self.train, self.reader.labels, per_class,
                                                                           self.params.seed)
-            pretrained = ((finetuned, finetuned_gpt_alone) if per_class is None else
-                          (self.score("pretrained", per_class)["test"],
-                           self.score("pretrained", per_class)["test_gpt_alone"]))
+            run = None if per_class is None else self.score("pretrained", per_class)
+            pretrained = (finetuned, finetuned_gpt_alone) if run is None else (run["test"], run["test_gpt_alone"])
             tfidf = scores(self.test["label"].to_list(), tfidf_logreg(sample, self.test, self.params.seed),
                            self.reader.labels)
             rows.append({"labels_per_class": per_class, "train_examples": sample.height,
