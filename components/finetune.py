@@ -351,9 +351,9 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
     labels (`self_training_pool`), self-training: the model labels them, and its surest K x (labels per class)
     guesses of each class, kept only where TF-IDF trained on the same labels agrees (`pseudo_label_agreement`),
     join the labels in a fresh fine-tune from the same initial weights; round r of `pseudo_label_rounds` takes
-    r x K from the model the round before. Returns the delivered classifier (the last model, with that TF-IDF
-    fused in at `finetune.tfidf_weight`) and a summary counting the last round's guesses (`pseudo_labeled`);
-    `train_examples` counts the labels."""
+    r x K from the model the round before. Returns the delivered classifier (the last model, with TF-IDF fused in
+    at `finetune.tfidf_weight`, fitted on the labels and, with `tfidf_on_guesses`, the last round's guesses) and a
+    summary counting the last round's guesses (`pseudo_labeled`); `train_examples` counts the labels."""
     cfg = params.finetune
     train = pl.read_parquet(prepared / "train.parquet") if train is None else train
     labels = json.loads((prepared / "labels.json").read_text())
@@ -382,6 +382,8 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
                                   pl.concat([train.select("text", "label"), guessed]), select_on_val,
                                   curves if last else None, labeled=train.height)
         labeler = f"{train.height} labels and {guessed.height} guesses"
+    if cfg.tfidf_weight and cfg.tfidf_on_guesses:
+        tfidf = TfidfLogreg.fit(pl.concat([train.select("text", "label"), guessed]), labels, params.seed)
     return delivered(model, summary), {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
 
 
@@ -425,7 +427,7 @@ def main() -> None:
           f"{summary['train_examples']} examples (+{summary['pseudo_labeled']} self-trained); "
           f"temperature {summary['temperature']:.2f} "
           f"(val NLL {summary['val_nll']['before']:.3f} -> {summary['val_nll']['after']:.3f})"
-          + (f"; TF-IDF on the same labels fused in at weight {classifier.tfidf_weight}" if classifier.tfidf else ""))
+          + (f"; TF-IDF fused in at weight {classifier.tfidf_weight}" if classifier.tfidf else ""))
 
 
 if __name__ == "__main__":

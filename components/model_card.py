@@ -76,7 +76,8 @@ def self_training_note(finetuned: dict, rounds: int) -> str:
 def fusion_note(finetuned: dict) -> str:
     if not finetuned.get("tfidf_weight"):
         return ""
-    return (" Its probabilities are the GPT's times those of TF-IDF + logistic regression fitted on the same labels, "
+    return (" Its probabilities are the GPT's times those of TF-IDF + logistic regression fitted on the same labels "
+            "(and on self-training's guesses where there were any), "
             f"raised to the power {finetuned['tfidf_weight']:g}, renormalised (`finetune.tfidf_weight`).")
 
 

@@ -174,10 +174,15 @@ class FinetuneParams(Section):
         True, description="Self-training keeps only the guesses that TF-IDF + logistic regression, trained on the "
         "same labels, agrees with (co-training with a second view, Blum & Mitchell 1998): a weak model's confident "
         "mistakes would otherwise teach it its own errors.")
+    tfidf_on_guesses: bool = Field(
+        True, description="With self-training, the TF-IDF half is fitted on the labels and the last round's "
+        "guesses (co-training: the bag of n-grams learns the words of the texts the GPT is surest of), not on the "
+        "labels alone.")
     tfidf_weight: float = Field(
         2.0, ge=0, description="The delivered classifier's probabilities are the fine-tuned GPT's times those of "
-        "TF-IDF + logistic regression fitted on the same labels, raised to this power, renormalised (a product of "
-        "experts: the GPT reads meaning, the bag of n-grams the exact words); 0 delivers the GPT alone.")
+        "TF-IDF + logistic regression fitted on the same labels (see tfidf_on_guesses), raised to this power, "
+        "renormalised (a product of experts: the GPT reads meaning, the bag of n-grams the exact words); 0 delivers "
+        "the GPT alone.")
     patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better val "
                                  "macro-F1; null trains every epoch. The best epoch is kept either way.")
     precision: Precision = Field("auto", description=PRECISION_HELP)

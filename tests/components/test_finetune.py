@@ -317,6 +317,23 @@ def test_few_labels_self_train_on_the_texts_without_labels(tmp_path, pseudo_labe
     assert summary["learning_rate"] == pytest.approx(1e-3 * (1 / 3) ** 0.25)  # the 9 labels' rate: guesses not counted
 
 
+@pytest.mark.parametrize("on_guesses", [False, True])
+def test_the_tfidf_half_learns_from_the_guesses_only_with_tfidf_on_guesses(tmp_path, on_guesses):
+    prepared, pretrained = make_workspace(tmp_path)
+    train, labels = pl.read_parquet(prepared / "train.parquet"), json.loads((prepared / "labels.json").read_text())
+    labeled = train.group_by("label", maintain_order=True).head(3)
+    labeled.write_parquet(prepared / "train.parquet")
+    train.join(labeled, on="text", how="anti").select("text").write_parquet(prepared / "unlabeled.parquet")
+    params = tiny_params(epochs=1, pseudo_labels=2, pseudo_label_agreement=False, tfidf_weight=1.0,
+                         tfidf_on_guesses=on_guesses)
+    reader, summary = finetune_and_self_train(params, prepared, lambda: load_backbone(pretrained),
+                                              Tokenizer.from_file(str(pretrained / "tokenizer.json")), tmp_path / "w")
+    assert summary["pseudo_labeled"] > 0
+    from_labels = set(TfidfLogreg.fit(labeled, labels, params.seed).vectorizer.vocabulary_)
+    vocabulary = set(reader.tfidf.vectorizer.vocabulary_)
+    assert vocabulary > from_labels if on_guesses else vocabulary == from_labels
+
+
 def test_the_delivered_classifier_fuses_tfidf_fitted_on_the_same_labels(workspace, tmp_path):
     prepared, pretrained = workspace
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
