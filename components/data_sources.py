@@ -20,10 +20,11 @@ from components.params import BUILTIN_BBC_NEWS, Params, load_params
 from components.sources import builtin_bbc_news_dir, corpus_files, file_sha256
 
 
-def describe(path: str) -> list[dict]:
-    """Each file `path` names with a stamp that changes exactly when its content does."""
+def describe(path: str, setting: str) -> list[dict]:
+    """Each file `path` (the value of params' `setting`) names with a stamp that changes exactly when its content
+    does."""
     builtin = str(builtin_bbc_news_dir()) if path == BUILTIN_BBC_NEWS else None
-    listed = corpus_files([builtin or path])
+    listed = corpus_files([builtin or path], setting)
     for entry in listed:
         if "://" not in entry["uri"]:
             entry["version"] = file_sha256(Path(entry["uri"]))  # a copy over the file keeps its size, not its hash
@@ -34,9 +35,10 @@ def describe(path: str) -> list[dict]:
 
 def data_sources(params: Params) -> dict:
     data = params.data
-    return {"labeled": describe(data.labeled.path),
-            "test": describe(data.test.path) if data.test.path else [],
-            "unlabeled": [entry for path in data.unlabeled.paths for entry in describe(path)]}
+    return {"labeled": describe(data.labeled.path, "data.labeled.path"),
+            "test": describe(data.test.path, "data.test.path") if data.test.path else [],
+            "unlabeled": [entry for path in data.unlabeled.paths
+                          for entry in describe(path, "data.unlabeled.paths")]}
 
 
 def foundation_source(params: Params) -> dict:

@@ -190,7 +190,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def corpus_files(paths: list[str]) -> list[dict]:
+def corpus_files(paths: list[str], setting: str = "foundation.corpus.paths") -> list[dict]:
     """Every file the paths name (globs, folders, s3:// prefixes, fsspec URLs), each with its size and a version
     stamp (mtime, ETag) that changes when its content does."""
     found = []
@@ -215,7 +215,7 @@ def corpus_files(paths: list[str]) -> list[dict]:
             else:
                 local = Path(one)
                 if not local.exists():
-                    raise InputError(f"{one}: file not found; check foundation.corpus.paths")
+                    raise InputError(f"{one}: file not found; check {setting}")
                 for file in sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]:
                     stat = file.stat()
                     found.append({"uri": str(file), "bytes": stat.st_size, "version": str(stat.st_mtime_ns)})

@@ -106,20 +106,25 @@ def test_data_sources_change_exactly_when_a_file_does(tmp_path, bucket):
 
     from components.data_sources import describe
 
+    def labeled(path: str) -> list[dict]:
+        return describe(path, "data.labeled.path")
+
     (tmp_path / "a.csv").write_text("text,label\nx,1\n")
     single, pattern = str(tmp_path / "a.csv"), str(tmp_path / "*.csv")
-    before = describe(single), describe(pattern)
-    assert (describe(single), describe(pattern)) == before  # unchanged: nothing reruns
+    before = labeled(single), labeled(pattern)
+    assert (labeled(single), labeled(pattern)) == before  # unchanged: nothing reruns
     (tmp_path / "a.csv").write_text("text,label\ny,1\n")  # replaced in place, same size
-    assert describe(single) != before[0]
+    assert labeled(single) != before[0]
     (tmp_path / "b.csv").write_text("text,label\nz,2\n")  # added to the glob
-    assert len(describe(pattern)) == 2
+    assert len(labeled(pattern)) == 2
     client = boto3.client("s3")
     client.put_object(Bucket=bucket, Key="data/a.csv", Body=b"text,label\nx,1\n")
-    first = describe(f"s3://{bucket}/data/")
-    assert describe(f"s3://{bucket}/data/") == first
+    first = labeled(f"s3://{bucket}/data/")
+    assert labeled(f"s3://{bucket}/data/") == first
     client.put_object(Bucket=bucket, Key="data/a.csv", Body=b"text,label\nq,1\n")  # new ETag
-    assert describe(f"s3://{bucket}/data/") != first
+    assert labeled(f"s3://{bucket}/data/") != first
+    with pytest.raises(InputError, match="gone.csv: file not found; check data.test.path"):
+        describe(str(tmp_path / "gone.csv"), "data.test.path")
 
 
 def write_checkpoint(folder, seed: int) -> None:
