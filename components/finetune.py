@@ -383,7 +383,9 @@ def finetune_and_self_train(params: Params, prepared: Path, initial: Callable[[]
                                   curves if last else None, labeled=train.height)
         labeler = f"{train.height} labels and {guessed.height} guesses"
     if cfg.tfidf_weight and cfg.tfidf_on_guesses:
-        tfidf = TfidfLogreg.fit(pl.concat([train.select("text", "label"), guessed]), labels, params.seed)
+        shares = dict(train["label"].value_counts(normalize=True).iter_rows())  # the labels' prior, not the guesses'
+        guesses = guessed.filter(pl.col("label").is_in(list(shares)))
+        tfidf = TfidfLogreg.fit(pl.concat([train.select("text", "label"), guesses]), labels, params.seed, shares)
     return delivered(model, summary), {**summary, "train_examples": train.height, "pseudo_labeled": guessed.height}
 
 

@@ -33,10 +33,16 @@ class TfidfLogreg:
         self.coef, self.intercept, self.labels = coef, intercept, labels
 
     @classmethod
-    def fit(cls, train: pl.DataFrame, labels: list[str], seed: int) -> "TfidfLogreg":
-        """Fitted on `train`'s text and label columns; a label of `labels` absent from `train` is never predicted."""
+    def fit(cls, train: pl.DataFrame, labels: list[str], seed: int,
+            class_shares: dict[str, float] | None = None) -> "TfidfLogreg":
+        """Fitted on `train`'s text and label columns; a label of `labels` absent from `train` is never predicted.
+        With `class_shares` (label -> fraction), each label's rows together weigh that share of all rows: rows
+        picked per class by another model's confidence would otherwise set the classes' prior."""
         fitted = vectorizer()
-        model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
+        counts = dict(train["label"].value_counts().iter_rows())
+        class_weight = ({label: class_shares[label] * train.height / count for label, count in counts.items()}
+                        if class_shares else None)
+        model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed, class_weight=class_weight)
         model.fit(fitted.fit_transform(train["text"].to_list()), train["label"].to_list())
         coef, intercept = model.coef_, model.intercept_
         if len(model.classes_) == 2:  # one row for the second class: the first's score is its negative

@@ -40,6 +40,21 @@ def test_a_label_without_training_rows_gets_no_probability():
     assert probs[:, 1].max() < 1e-6 and np.allclose(probs.sum(dim=1), 1, atol=1e-6)
 
 
+def test_class_shares_keep_rows_picked_per_class_from_setting_the_prior():
+    labeled = TICKETS.group_by("label", maintain_order=True).head(3)
+    skewed = pl.concat([labeled, TICKETS.filter(pl.col("label") == LABELS[0]).tail(15).select(labeled.columns)])
+    nothing_known = ["nothing in the vocabulary here"]
+    share_of_first = {}
+    for shares in (None, {label: 1 / 3 for label in LABELS}):
+        fitted = TfidfLogreg.fit(skewed, LABELS, seed=0, class_shares=shares)
+        share_of_first[shares is None] = fitted.log_proba(nothing_known).exp()[0, 0].item()
+    assert share_of_first[True] > 0.5  # unweighted, the 18 rows make the first label the default guess
+    assert abs(share_of_first[False] - 1 / 3) < abs(share_of_first[True] - 1 / 3)
+    balanced = TfidfLogreg.fit(labeled, LABELS, seed=0, class_shares={label: 1 / 3 for label in LABELS})
+    plain = TfidfLogreg.fit(labeled, LABELS, seed=0)  # rows already in the shares: the same fit
+    assert np.allclose(balanced.log_proba(UNSEEN).numpy(), plain.log_proba(UNSEEN).numpy())
+
+
 @pytest.mark.parametrize("broken, content", [(VOCABULARY_FILE, "{not json"), (WEIGHTS_FILE, "not safetensors")])
 def test_an_unreadable_half_is_one_line_naming_the_folder(broken, content, tmp_path):
     TfidfLogreg.fit(TICKETS, LABELS, seed=0).save(tmp_path)
