@@ -8,13 +8,15 @@ prints JSON lines as cells finish and a summary (mean and spread over seeds) at 
 A recipe is NAME=OVERRIDE[,OVERRIDE...] on top of params.yaml (`--set` syntax); a budget is labels per class or
 `all` (the whole train split, best epoch on val). The seed draws the labeled sample and the training order. Each
 cell scores the delivered classifier (the recipe's `finetune.tfidf_weight`) and its GPT alone; `--tfidf-weights
-0 1 2 ...` also scores the same fine-tuned GPT fused with TF-IDF at each of those weights (no more training).
+0 1 2 ...` also scores the same fine-tuned GPT fused with TF-IDF at each of those weights (no more training);
+`--scratch` adds each recipe from freshly initialised weights (evaluate's scratch baseline, same sample).
 """
 
 import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -36,7 +38,7 @@ def named(pairs: list[str]) -> dict[str, str]:
 
 
 def run_cell(params_file: Path, prepared: Path, pretrained: Path, overrides: list[str], budget: int | None,
-             test: pl.DataFrame, tfidf_weights: list[float]) -> dict:
+             test: pl.DataFrame, tfidf_weights: list[float], init: str = "pretrained") -> dict:
     params = load_params(params_file, overrides)
     labels = json.loads((prepared / "labels.json").read_text())
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
@@ -47,7 +49,7 @@ def run_cell(params_file: Path, prepared: Path, pretrained: Path, overrides: lis
     train = None if budget is None else per_class_sample(runs.train, labels, budget, params.seed)
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # training's progress and notes: stdout holds only the JSON
-        delivered, summary = runs.finetune_from("pretrained", train)
+        delivered, summary = runs.finetune_from(init, train)
         texts, truth = test["text"].to_list(), test["label"].to_list()
         logits = delivered.predict_logits(texts)
         seconds = time.perf_counter() - started
@@ -99,10 +101,13 @@ def main() -> None:
     parser.add_argument("--tfidf", action="store_true", help="also TF-IDF + logistic regression on each sample")
     parser.add_argument("--tfidf-weights", nargs="*", type=float, default=[],
                         help="also score each fine-tuned GPT fused with TF-IDF at these weights")
+    parser.add_argument("--scratch", action="store_true", help="also each recipe from freshly initialised weights "
+                        "of the checkpoint's shape (evaluate's scratch baseline), as checkpoint NAME:scratch")
     args = parser.parse_args()
     test = pl.read_parquet(args.prepared / "test.parquet")
     recipes = {name: [override for override in value.split(",") if override]
                for name, value in named(args.recipe or ["params.yaml="]).items()}
+    inits = ["pretrained", "scratch"] if args.scratch else ["pretrained"]
     rows = []
     for budget_name in args.budget:
         budget = None if budget_name == "all" else int(budget_name)
@@ -112,11 +117,12 @@ def main() -> None:
                        **tfidf_cell(args.prepared, budget, seed, test), "seconds": 0.0}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            for checkpoint, folder in named(args.pretrained).items():
+            for (checkpoint, folder), init in itertools.product(named(args.pretrained).items(), inits):
                 for recipe, overrides in recipes.items():
                     cell = run_cell(Path("params.yaml"), args.prepared, Path(folder), [f"seed={seed}", *overrides],
-                                    budget, test, args.tfidf_weights)
-                    row = {"checkpoint": checkpoint, "recipe": recipe, "budget": budget_name, "seed": seed, **cell}
+                                    budget, test, args.tfidf_weights, init)
+                    name = checkpoint if init == "pretrained" else f"{checkpoint}:scratch"
+                    row = {"checkpoint": name, "recipe": recipe, "budget": budget_name, "seed": seed, **cell}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     print(json.dumps({"test_texts": test.height, "summary": summarise(rows)}, indent=1))
