@@ -23,10 +23,10 @@ def load_registered(registry_uri: str, ref: str) -> tuple[LoadedClassifier, dict
 
 def read_input(path: Path, text_column: str) -> pl.DataFrame:
     """A .txt file gives one text per non-empty line; CSV, TSV, JSONL and Parquet keep all their columns."""
-    if path.suffix.lower() != ".txt":
-        return read_table(path, [text_column])
     if not path.is_file():
         raise InputError(f"{path}: file not found; pass an existing file to --input")
+    if path.suffix.lower() != ".txt":
+        return read_table(path, [text_column])
     return pl.DataFrame({text_column: [line for line in read_text_file(path).splitlines() if line.strip()]})
 
 
